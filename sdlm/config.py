@@ -1160,9 +1160,10 @@ def dump_config(config: Config) -> str:
 
 TEMPLATES: dict[str, dict[str, Any]] = {
     # The embedded model produces this target after some 10-token prompt, so a solution exists.
+    # From seeds 0-2 on a 2-core CPU it took 30-50 steps (18-37 s).
     "quickstart": {
         "prompt": {"length": 10},
-        "objective": {"target": " innovation.\n\nThe 2022", "mode": "teacher_forcing"},
+        "objective": {"target": "\n\nThe ancient ones, who had been watching", "mode": "teacher_forcing"},
         "optimizer": {"lr": 0.3, "steps": 300},
         "eval": {"every": 10},
         "seed": 0,

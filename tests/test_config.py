@@ -748,7 +748,7 @@ def test_committed_quickstart_equals_template():
     config = load_config(path)
 
     assert config == config_from_dict(TEMPLATES["quickstart"], base_dir=path.parent)
-    assert config.objective.target == " innovation.\n\nThe 2022"
+    assert config.objective.target == "\n\nThe ancient ones, who had been watching"
     assert config.prompt.length == 10
     assert config.optimizer.lr == 0.3
     assert config.optimizer.steps == 300

@@ -1,0 +1,162 @@
+"""Objectives: a differentiable loss on sampled prompts and a success check on a discrete prompt.
+
+Shapes: `S` Gumbel samples, `L` prompt length, `T` target length, `V` vocabulary.
+
+The loss sees STGS samples of the prompt; the check sees one prompt as token ids and runs the
+model's ordinary greedy generation, so a reported success is real, never inferred from the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from sdlm.metrics import exact_match, lcs_ratio, token_accuracy
+from sdlm.stgs_diff_model import STGSDiffModel
+
+logger = logging.getLogger("sdlm")
+
+TargetMode = Literal["teacher_forcing", "generation"]
+
+
+@dataclass
+class LossOutput:
+    """per_sample: (S,) loss of each sample; solved: (S,) bool, True where the sample's
+    teacher-forced argmax already equals the target at every position (a cheap hint that the
+    sample may pass the check), or None; accuracy: (S,) teacher-forced token accuracy, or None."""
+
+    per_sample: torch.Tensor
+    solved: torch.Tensor | None = None
+    accuracy: torch.Tensor | None = None
+
+
+@dataclass
+class CheckResult:
+    """The discrete check of one prompt.
+
+    success: greedy generation from the prompt ids reproduces the target exactly.
+    text_ids_same: decode -> re-encode of the whole input gives the same ids back.
+    text_success: the check passes on the re-encoded text too (what a user who pastes it gets).
+    """
+
+    success: bool
+    prompt_ids: list[int]
+    prompt_text: str
+    output_ids: list[int]
+    output_text: str
+    token_accuracy: float
+    lcs_ratio: float
+    text_ids_same: bool
+    text_success: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TargetObjective:
+    """Make the model continue [prefix][prompt][suffix] with exactly the target tokens.
+
+    mode "teacher_forcing" scores the target tokens given the sampled prompt in one forward
+    pass; mode "generation" generates T tokens free-running through STGS and scores each
+    generated position against the target.
+    """
+
+    name = "target"
+
+    def __init__(
+        self,
+        model: STGSDiffModel,
+        target_ids: list[int],
+        *,
+        prefix: str = "",
+        suffix: str = "",
+        mode: TargetMode = "teacher_forcing",
+    ) -> None:
+        if not target_ids:
+            raise ValueError("the target is empty: give a non-empty target text or target_ids")
+        if mode not in ("teacher_forcing", "generation"):
+            raise ValueError(f"mode must be teacher_forcing or generation, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.prefix, self.suffix = prefix, suffix
+        self.prefix_ids = model.encode(prefix)  # (1, P)
+        self.suffix_ids = model.encode(suffix)  # (1, Q)
+        self.target_ids = torch.tensor([target_ids], dtype=torch.long, device=model.device)  # (1, T)
+        self.target_text = model.tokenizer.decode(target_ids, clean_up_tokenization_spaces=False)
+
+    @classmethod
+    def from_text(cls, model: STGSDiffModel, target: str, **kwargs) -> "TargetObjective":
+        """Build from target text, encoded alone with no special tokens."""
+        target_ids = model.tokenizer.encode(target, add_special_tokens=False)
+        suffix = kwargs.get("suffix", "")
+        if suffix:
+            # Tokens can merge across the join; the optimizer uses the target's own ids.
+            joined = model.tokenizer.encode(suffix + target, add_special_tokens=False)
+            apart = model.tokenizer.encode(suffix, add_special_tokens=False) + target_ids
+            if joined != apart:
+                logger.warning(
+                    "suffix %r and target %r tokenize differently together than apart; "
+                    "the target ids %s are used as given",
+                    suffix, target, target_ids,
+                )
+        return cls(model, target_ids, **kwargs)
+
+    @property
+    def target_length(self) -> int:
+        return self.target_ids.shape[1]
+
+    def loss(self, prompt_y: torch.Tensor) -> LossOutput:
+        """Score prompt samples prompt_y (S, L, V); returns a per-sample mean cross-entropy."""
+        S = prompt_y.shape[0]
+        T = self.target_length
+        targets = self.target_ids.expand(S, -1)  # (S, T)
+        if self.mode == "teacher_forcing":
+            # Keep the logits of the last T + 1 positions; the first T predict the target.
+            out = self.model(parts=[self.prefix_ids, prompt_y, self.suffix_ids, self.target_ids], logits_to_keep=T + 1)
+            logits = out.logits[:, :T]  # (S, T, V)
+        else:
+            out = self.model.generate(parts=[self.prefix_ids, prompt_y, self.suffix_ids], max_new_tokens=T)
+            logits = out.logits  # (S, T, V)
+        token_losses = F.cross_entropy(logits.reshape(S * T, -1), targets.reshape(-1), reduction="none").view(S, T)
+        hits = logits.detach().argmax(-1) == targets  # (S, T)
+        return LossOutput(per_sample=token_losses.mean(-1), solved=hits.all(-1), accuracy=hits.float().mean(-1))
+
+    @torch.no_grad()
+    def check(self, prompt_ids: list[int]) -> CheckResult:
+        """Run greedy generation from the prompt ids, and from the decoded text re-encoded."""
+        tokenizer = self.model.tokenizer
+        target = self.target_ids[0].tolist()
+        ids = self.prefix_ids[0].tolist() + list(prompt_ids) + self.suffix_ids[0].tolist()
+        output = greedy_generate(self.model, ids, len(target))
+
+        prompt_text = tokenizer.decode(list(prompt_ids), clean_up_tokenization_spaces=False)
+        text_ids = tokenizer.encode(self.prefix + prompt_text + self.suffix, add_special_tokens=False)
+        text_ids_same = text_ids == ids
+        text_output = output if text_ids_same else greedy_generate(self.model, text_ids, len(target))
+        return CheckResult(
+            success=exact_match(output, target),
+            prompt_ids=list(prompt_ids),
+            prompt_text=prompt_text,
+            output_ids=output,
+            output_text=tokenizer.decode(output, clean_up_tokenization_spaces=False),
+            token_accuracy=token_accuracy(output, target),
+            lcs_ratio=lcs_ratio(output, target),
+            text_ids_same=text_ids_same,
+            text_success=exact_match(text_output, target),
+        )
+
+
+def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int) -> list[int]:
+    """The model's plain greedy continuation of `ids` by HF generate, without the prompt."""
+    input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
+    hf_model = model.model
+    output = hf_model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=model.pad_token_id,
+    )
+    return output[0, input_ids.shape[1]:].tolist()

@@ -1,0 +1,324 @@
+"""The optimization loop: sample prompts, score them, step the optimizer, check, emit events.
+
+`optimize(config)` is the one-call entry point. It never prints: progress goes to `on_event`
+as the dataclasses below, and files go to an optional `RunDirectory`.
+
+Example:
+    >>> from sdlm.config import Config, ObjectiveConfig        # doctest: +SKIP
+    >>> result = optimize(Config(objective=ObjectiveConfig(target=" innovation.")))
+    >>> result.success, result.best.prompt_text
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from sdlm.config import Config
+from sdlm.objectives import CheckResult, TargetObjective
+from sdlm.runs import RunDirectory
+from sdlm.stgs import STGS
+from sdlm.stgs_diff_model import STGSDiffModel
+from sdlm.stgs_diff_string import STGSDiffString
+
+StopReason = Literal["success", "max_steps", "interrupted", "non_finite"]
+
+# How many candidate prompts the loop checks with real greedy generation in one step.
+MAX_CHECKS_PER_STEP = 2
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunStarted:
+    kind = "start"
+    model: str
+    device: str
+    target_text: str
+    target_ids: list[int]
+    prompt_length: int
+    steps: int
+    samples: int
+    run_dir: str | None
+
+
+@dataclass
+class StepEvent:
+    """One optimizer step. loss: mean over samples; best_sample_loss: min over samples;
+    accuracy: best teacher-forced token accuracy among samples (None in generation mode)."""
+
+    kind = "step"
+    step: int
+    steps: int
+    loss: float
+    best_sample_loss: float
+    accuracy: float | None
+    temperature: float
+    prompt_text: str
+    elapsed: float
+    skipped: bool = False
+
+
+@dataclass
+class EvalEvent:
+    """A discrete check of one prompt; `improved` when it became the best so far."""
+
+    kind = "eval"
+    step: int
+    check: CheckResult
+    improved: bool
+    best: CheckResult
+
+
+@dataclass
+class OptimizeResult:
+    kind = "end"
+    success: bool
+    reason: StopReason
+    steps: int
+    seconds: float
+    best: CheckResult
+    best_step: int
+    loss_history: list[float] = field(repr=False)
+    run_dir: str | None = None
+    string: STGSDiffString | None = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        """Plain data for JSON: everything but the loss history and the string."""
+        return {
+            "success": self.success,
+            "reason": self.reason,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 3),
+            "best_step": self.best_step,
+            "best": asdict(self.best),
+            "run_dir": self.run_dir,
+        }
+
+
+Event = RunStarted | StepEvent | EvalEvent | OptimizeResult
+
+
+# -- pure helpers ------------------------------------------------------------------------
+
+
+def scheduled_temperature(schedule: str, start: float, end: float, step: int, total: int) -> float:
+    """Temperature at `step` (1-based) of `total`, moving from `start` to `end` (both > 0)."""
+    if schedule == "constant" or total <= 1:
+        return start
+    progress = min(max((step - 1) / (total - 1), 0.0), 1.0)
+    if schedule == "linear":
+        return start + (end - start) * progress
+    if schedule == "exponential":
+        return start * (end / start) ** progress
+    if schedule == "cosine":
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown temperature schedule {schedule!r}; use constant, linear, exponential or cosine")
+
+
+def _rank(check: CheckResult, loss: float) -> tuple:
+    # Greater is better: success first, then a text that also works, then closeness.
+    return (check.success, check.text_success, check.token_accuracy, check.lcs_ratio, -loss)
+
+
+def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}; use adam, adamw or sgd")
+
+
+def build_prompt(config: Config, model: STGSDiffModel, generator: torch.Generator | None = None) -> STGSDiffString:
+    """The learnable prompt described by config.prompt and config.stgs."""
+    p, s = config.prompt, config.stgs
+    stgs = STGS(
+        temperature=s.temperature,
+        learnable_temperature=s.learnable_temperature,
+        min_temperature=s.min_temperature,
+        max_temperature=s.max_temperature,
+        length=None if p.init_text else p.length,
+        hard=s.hard,
+        hard_method=s.hard_method,
+        normalize=s.normalize,
+        noise_scale=s.noise_scale,
+        embedding_weight=model.embedding_weight,
+    )
+    if p.init_text:
+        length = len(model.tokenizer.encode(p.init_text, add_special_tokens=False))
+        if s.learnable_temperature == "per_position":
+            stgs = STGS(**{**_stgs_kwargs(stgs), "length": length})
+        string = STGSDiffString(
+            model.tokenizer, init_text=p.init_text, init_scale=p.init_scale,
+            vocab_size=model.vocab_size, vocab_mask=p.vocab_mask, stgs=stgs,
+        )
+    else:
+        string = STGSDiffString(
+            model.tokenizer, length=p.length, init_scale=p.init_scale, vocab_size=model.vocab_size,
+            vocab_mask=p.vocab_mask, stgs=stgs, generator=generator,
+        )
+    return string.to(model.device)
+
+
+def _stgs_kwargs(stgs: STGS) -> dict:
+    return dict(
+        temperature=float(stgs.initial_temperature), learnable_temperature=stgs.learnable_temperature,
+        min_temperature=stgs.min_temperature, max_temperature=stgs.max_temperature, hard=stgs.hard,
+        hard_method=stgs.hard_method, normalize=stgs.normalize, noise_scale=stgs.noise_scale,
+        embedding_weight=stgs.embedding_weight,
+    )
+
+
+def build_objective(config: Config, model: STGSDiffModel) -> TargetObjective:
+    o, p = config.objective, config.prompt
+    kwargs = dict(prefix=p.prefix, suffix=p.suffix, mode=o.mode)
+    if o.target_ids:
+        return TargetObjective(model, list(o.target_ids), **kwargs)
+    return TargetObjective.from_text(model, o.target, **kwargs)
+
+
+def load_diff_model(config: Config) -> STGSDiffModel:
+    """Load config.model and wrap it; generated tokens use config.stgs's temperature and mode."""
+    from sdlm.models import load_model
+
+    m = config.model
+    hf_model, tokenizer = load_model(m.spec, device=m.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    s = config.stgs
+    return STGSDiffModel(hf_model, tokenizer, stgs=STGS(temperature=s.temperature, hard=s.hard, noise_scale=s.noise_scale))
+
+
+# -- the loop ----------------------------------------------------------------------------
+
+
+def optimize(
+    config: Config,
+    *,
+    model: STGSDiffModel | None = None,
+    run: RunDirectory | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> OptimizeResult:
+    """Optimize a prompt for `config`; return the best discrete prompt found and how the run ended.
+
+    model: a ready STGSDiffModel (else config.model is loaded). run: where to write metrics,
+    the best prompt and the learned string. should_stop: polled after each step; True ends the
+    run with reason "interrupted".
+    """
+    emit = on_event or (lambda event: None)
+    torch.manual_seed(config.seed)
+    model = model if model is not None else load_diff_model(config)
+    generator = torch.Generator(device=model.device).manual_seed(config.seed)
+    string = build_prompt(config, model, generator)
+    objective = build_objective(config, model)
+    optimizer = build_optimizer(config.optimizer.name, list(string.parameters()), config.optimizer.lr)
+    opt, s = config.optimizer, config.stgs
+    final_temperature = opt.final_temperature or s.min_temperature
+    emit(RunStarted(
+        model=config.model.spec, device=str(model.device), target_text=objective.target_text,
+        target_ids=objective.target_ids[0].tolist(), prompt_length=string.length, steps=opt.steps,
+        samples=config.prompt.samples, run_dir=str(run.path) if run else None,
+    ))
+
+    start = time.perf_counter()
+    best: CheckResult | None = None
+    best_step, best_key = 0, None
+    history: list[float] = []
+    checked: set[tuple[int, ...]] = set()
+    reason: StopReason = "max_steps"
+    non_finite_in_a_row = 0
+    step = 0
+
+    def consider(ids: list[int], loss: float, step: int) -> bool:
+        """Check one prompt; update the best. Returns True on success."""
+        nonlocal best, best_step, best_key
+        check = objective.check(ids)
+        key = _rank(check, loss)
+        improved = best_key is None or key > best_key
+        if improved:
+            best, best_step, best_key = check, step, key
+            if run:
+                run.write_best({"step": step, "loss": loss} | asdict(check))
+        emit(EvalEvent(step=step, check=check, improved=improved, best=best))
+        return check.success
+
+    for step in range(1, opt.steps + 1):
+        # Sample S prompts at this step's temperature (a schedule applies to a fixed temperature).
+        temperature = None
+        if s.learnable_temperature == "none":
+            temperature = scheduled_temperature(opt.temperature_schedule, s.temperature, final_temperature, step, opt.steps)
+        draw = string.sample(config.prompt.samples, generator=generator, temperature=temperature)
+
+        # Score them and step the optimizer, skipping updates with a non-finite loss or gradient.
+        scored = objective.loss(draw.y)
+        loss = scored.per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(string.parameters(), opt.grad_clip or float("inf"))
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+            non_finite_in_a_row = 0
+        else:
+            non_finite_in_a_row += 1
+
+        # Record the step.
+        per_sample = scored.per_sample.detach()
+        loss_value = float(loss.detach())
+        history.append(loss_value)
+        tau = float(draw.temperature.float().mean())
+        event = StepEvent(
+            step=step, steps=opt.steps, loss=loss_value, best_sample_loss=float(per_sample.min()),
+            accuracy=None if scored.accuracy is None else float(scored.accuracy.max()),
+            temperature=tau, prompt_text=string.text, elapsed=time.perf_counter() - start, skipped=not finite,
+        )
+        if run:
+            run.append_metrics({k: v for k, v in asdict(event).items() if k != "prompt_text"})
+        emit(event)
+        if non_finite_in_a_row >= 20:
+            reason = "non_finite"
+            break
+
+        # Check candidates with real greedy generation: samples whose teacher-forced argmax
+        # already matches, and the argmax prompt every eval.every steps.
+        candidates: list[tuple[list[int], float]] = []
+        if scored.solved is not None:
+            for i in scored.solved.nonzero().view(-1).tolist():
+                candidates.append((draw.ids[i].tolist(), float(per_sample[i])))
+        if step % config.eval.every == 0 or step == opt.steps:
+            candidates.append((string.ids.tolist(), float(per_sample.min())))
+        success = False
+        n_checked = 0
+        for ids, sample_loss in candidates:
+            if tuple(ids) in checked or n_checked >= MAX_CHECKS_PER_STEP:
+                continue
+            checked.add(tuple(ids))
+            n_checked += 1
+            success = consider(ids, sample_loss, step) or success
+        if success and config.eval.stop_on_success:
+            reason = "success"
+            break
+        if should_stop is not None and should_stop():
+            reason = "interrupted"
+            break
+
+    if best is None:
+        consider(string.ids.tolist(), history[-1] if history else float("nan"), step)
+    if run:
+        run.save_string(string)
+    result = OptimizeResult(
+        success=best.success, reason=reason if reason != "max_steps" or not best.success else "success",
+        steps=step, seconds=time.perf_counter() - start, best=best, best_step=best_step,
+        loss_history=history, run_dir=str(run.path) if run else None, string=string,
+    )
+    if run:
+        run.write_summary(result.summary())
+        run.close()
+    emit(result)
+    return result

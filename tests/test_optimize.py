@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, build_tiny_tokenizer
+from sdlm import STGSDiffModel
+from sdlm.config import Config, EvalConfig, ObjectiveConfig, OptimizerConfig, PromptConfig
+from sdlm.objectives import greedy_generate
+from sdlm.optimize import OptimizeResult, RunStarted, StepEvent, optimize, scheduled_temperature
+from sdlm.runs import RunDirectory
+
+
+@pytest.fixture()
+def tiny_dm():
+    tok = build_tiny_tokenizer()
+    return STGSDiffModel(build_tiny_model("llama", len(tok)), tok)
+
+
+def test_reachable_target_succeeds_from_its_prompt(tiny_dm, tmp_path):
+    prompt_ids = tiny_dm.tokenizer.encode("hello world")
+    target = greedy_generate(tiny_dm, prompt_ids, 4)
+    config = Config(
+        prompt=PromptConfig(init_text="hello world", init_scale=20.0, samples=2),
+        objective=ObjectiveConfig(target_ids=target),
+        optimizer=OptimizerConfig(steps=5, lr=1e-3),
+        eval=EvalConfig(every=1),
+    )
+    events = []
+    run = RunDirectory.create(tmp_path, "run")
+    result = optimize(config, model=tiny_dm, run=run, on_event=events.append)
+    assert result.success
+    assert result.reason == "success"
+    assert result.best.output_ids[: len(target)] == target
+    assert isinstance(events[0], RunStarted)
+    assert isinstance(events[-1], OptimizeResult)
+    best = json.loads((tmp_path / "run" / "best_prompt.json").read_text())
+    assert best["success"] is True
+    assert greedy_generate(tiny_dm, best["prompt_ids"], len(target)) == target
+    assert (tmp_path / "run" / "prompt.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["success"] is True
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, result.steps + 1))
+
+
+def test_unmet_target_runs_all_steps(tiny_dm):
+    config = Config(
+        prompt=PromptConfig(length=3, samples=2),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10, 11, 12]),
+        optimizer=OptimizerConfig(steps=4),
+        eval=EvalConfig(every=2),
+    )
+    steps = []
+    before = {k: v.clone() for k, v in tiny_dm.model.state_dict().items()}
+    result = optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
+    assert not result.success
+    assert result.reason == "max_steps"
+    assert result.steps == 4
+    assert len(result.loss_history) == 4
+    assert all(type(x) is float for x in result.loss_history)
+    assert [e.step for e in steps] == [1, 2, 3, 4]
+    for key, value in tiny_dm.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_generation_mode_and_should_stop(tiny_dm):
+    config = Config(
+        prompt=PromptConfig(length=3, samples=2, prefix="The", suffix=" end"),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7], mode="generation"),
+        optimizer=OptimizerConfig(steps=50),
+    )
+    calls = []
+    result = optimize(config, model=tiny_dm, should_stop=lambda: len(calls.append(1) or calls) >= 3)
+    assert result.reason == "interrupted"
+    assert result.steps == 3
+
+
+def test_same_seed_same_trajectory(tiny_dm):
+    config = Config(
+        prompt=PromptConfig(length=3, samples=2),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7]),
+        optimizer=OptimizerConfig(steps=5),
+        seed=3,
+    )
+    a = optimize(config, model=tiny_dm)
+    b = optimize(config, model=tiny_dm)
+    assert a.loss_history == b.loss_history
+    assert torch.equal(a.string.logits, b.string.logits)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "exponential", "cosine"])
+def test_temperature_schedules(schedule):
+    values = [scheduled_temperature(schedule, 2.0, 0.1, step, 11) for step in range(1, 12)]
+    assert values[0] == pytest.approx(2.0)
+    if schedule != "constant":
+        assert values[-1] == pytest.approx(0.1)
+        assert all(a >= b for a, b in zip(values, values[1:]))
+    assert min(values) > 0
