@@ -195,7 +195,7 @@ class STGSDiffModel(nn.Module):
             kept = logits.shape[1]
             targets = labels[:, -kept:][:, 1:]  # the token after each kept position but the last
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        return ForwardOutput(logits=logits, loss=loss, past_key_values=out.past_key_values)
+        return ForwardOutput(logits=logits, loss=loss, past_key_values=self._cache_of(out) if use_cache else None)
 
     def _run(self, embeds, mask, positions, cache, logits_to_keep=0, use_cache=False):
         kwargs = {
@@ -210,8 +210,10 @@ class STGSDiffModel(nn.Module):
         out = self.model(**kwargs)
         if logits_to_keep and not self._keeps_logits:
             out.logits = out.logits[:, -logits_to_keep:]
-        out.past_key_values = getattr(out, self._cache_arg, None) if use_cache else None
         return out
+
+    def _cache_of(self, out):
+        return getattr(out, self._cache_arg, None)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -252,7 +254,7 @@ class STGSDiffModel(nn.Module):
 
         # Prefill: the whole prompt once, keeping the KV cache and only the last logits.
         out = self._run(embeds, mask, positions, None, logits_to_keep=1, use_cache=True)
-        cache = out.past_key_values
+        cache = self._cache_of(out)
         next_position = positions[:, -1:] + 1  # (B, 1)
 
         for step in range(max_new_tokens):
@@ -277,7 +279,7 @@ class STGSDiffModel(nn.Module):
             # Feed the sample back: one new position on the cache.
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = self._run(self.embed(y), mask, next_position, cache, logits_to_keep=1, use_cache=True)
-            cache = out.past_key_values
+            cache = self._cache_of(out)
             next_position = next_position + 1
 
         ids = torch.cat(new_ids, dim=1)  # (B, N)
