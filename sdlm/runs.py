@@ -20,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 
+RUN_FILES = (
+    "config.yaml", "metrics.jsonl", "best_prompt.json", "prompt.safetensors", "prompt.safetensors.json", "summary.json",
+)
+
+
 class RunDirectoryError(ValueError):
     """The run directory cannot be made or written."""
 
@@ -69,7 +74,9 @@ class RunDirectory:
             raise RunDirectoryError(f"cannot write to run directory {str(path)!r}: {err.strerror}; choose a writable output_dir") from None
         run = cls(path)
         if force:
-            (path / "metrics.jsonl").unlink(missing_ok=True)
+            # Files of the earlier run would read as this run's results, so they go first.
+            for name in RUN_FILES:
+                (path / name).unlink(missing_ok=True)
         return run
 
     def write_config(self, text: str) -> None:

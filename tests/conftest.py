@@ -10,6 +10,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+# Tiny models run fastest on one thread, and a shared 2-core machine thrashes with more.
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(os.environ.get("SDLM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 _CORPUS = [

@@ -386,6 +386,8 @@ def convert_after_both_arrive(*args, **kwargs):
 models._exclusive_lock, models._convert_gguf = announced_lock, convert_after_both_arrive
 if locking == "nolock":
     models.fcntl = None
+# The same thread count as the test process, so the float sums run in the same order.
+torch.set_num_threads(1)
 model, tokenizer = models.load_model(gguf_path, device="cpu", cache_dir=cache_dir)
 input_ids = tokenizer(prompt, return_tensors="pt").input_ids
 with torch.no_grad():

@@ -96,3 +96,17 @@ def test_temperature_schedules(schedule):
         assert values[-1] == pytest.approx(0.1)
         assert all(a >= b for a, b in zip(values, values[1:]))
     assert min(values) > 0
+
+
+def test_forced_run_directory_drops_earlier_results(tmp_path):
+    first = RunDirectory.create(tmp_path, "run")
+    first.write_best({"success": True})
+    first.write_summary({"success": True})
+    first.append_metrics({"step": 1})
+    first.close()
+    with pytest.raises(ValueError, match="already exists"):
+        RunDirectory.create(tmp_path, "run")
+    RunDirectory.create(tmp_path, "run", force=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+    unique = RunDirectory.create(tmp_path, "run", unique=True)
+    assert unique.path.name == "run-2"
