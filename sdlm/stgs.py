@@ -176,7 +176,9 @@ class STGS(nn.Module):
         self.normalize = normalize
         self.noise_scale = float(noise_scale)
         self.distance = distance
-        self.embedding_weight = embedding_weight
+        # Detached, so the model's embedding Parameter is neither registered as a parameter of
+        # this module nor saved with its state.
+        self.embedding_weight = None if embedding_weight is None else embedding_weight.detach()
         self.uniform_fn = uniform_fn
         self.register_buffer("initial_temperature", torch.tensor(float(temperature)))
 

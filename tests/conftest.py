@@ -13,7 +13,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 # Tiny models run fastest on one thread, and a shared 2-core machine thrashes with more.
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(os.environ.get("SDLM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+# Inversion targets for the embedded model: the shared data folder beside the repository when it
+# is there, else the few samples copied into tests/data.
+_SHARED = Path(os.environ.get("SDLM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+SHARED_DATA = _SHARED if (_SHARED / "lmi_smollm2_instruct_pl10_tl10.json").is_file() else Path(__file__).parent / "data"
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

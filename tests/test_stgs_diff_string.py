@@ -117,3 +117,14 @@ def test_decode_keeps_spaces(tiny_tokenizer):
     ids = tiny_tokenizer.encode("  hello ,world")
     s = STGSDiffString(tiny_tokenizer, init_ids=ids)
     assert s.text == "  hello ,world"
+
+
+def test_saved_string_omits_embedding_matrix(tiny_tokenizer, tmp_path):
+    weight = torch.nn.Parameter(torch.randn(len(tiny_tokenizer), 8), requires_grad=False)
+    stgs = STGS(hard_method="nearest", embedding_weight=weight)
+    s = STGSDiffString(tiny_tokenizer, length=3, stgs=stgs)
+    assert [name for name, _ in s.named_parameters()] == ["logits"]
+    s.save(tmp_path / "p.safetensors")
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(str(tmp_path / "p.safetensors"))) == ["logits", "stgs.initial_temperature", "vocab_mask"]
