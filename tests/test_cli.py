@@ -332,7 +332,9 @@ def test_optimize_model_error_leaves_no_run(monkeypatch, unmet_config):
     monkeypatch.setattr(sdlm.optimize, "load_diff_model", fail)
     result = invoke("optimize", unmet_config)
     assert result.exit_code == ExitCode.INVALID_INPUT
-    assert result.stderr.strip().endswith("error: model file or directory /nowhere not found; check the path")
+    assert result.stderr.strip().endswith(
+        "unmet.yaml: model.spec: model file or directory /nowhere not found; check the path"
+    )
     assert "Traceback" not in result.stderr
     assert list((unmet_config.parent / "runs").iterdir()) == []
 
