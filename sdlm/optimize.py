@@ -261,9 +261,15 @@ def apply_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], l
     if not bool(torch.isfinite(grad_norm)):
         return "gradient"
     before = [param.detach().clone() for param in params]
-    optimizer.step()
-    if all(bool(torch.isfinite(param).all()) for param in params):
-        return None
+    try:
+        optimizer.step()
+    except RuntimeError as error:
+        # torch.optim raises this when a learning rate such as 1e300 does not fit in float32.
+        if "overflow" not in str(error):
+            raise
+    else:
+        if all(bool(torch.isfinite(param).all()) for param in params):
+            return None
     with torch.no_grad():
         for param, saved in zip(params, before):
             param.copy_(saved)
@@ -392,7 +398,7 @@ def optimize(
         per_sample = scored.per_sample.detach()
         loss_value = float(loss.detach())
         history.append(loss_value)
-        tau = float(draw.temperature.float().mean())
+        tau = float(draw.temperature.detach().float().mean())
         event = StepEvent(
             step=step, steps=opt.steps, loss=loss_value, best_sample_loss=float(per_sample.min()),
             accuracy=None if scored.accuracy is None else float(scored.accuracy.max()),
