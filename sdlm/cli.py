@@ -576,6 +576,8 @@ def generate(
         if greedy and hard is False:
             raise CommandError("--greedy cannot be combined with --soft, because greedy decoding feeds back hard tokens")
         with _cli_logging(logging.DEBUG if debug else logging.WARNING):
+            if trust_remote_code:
+                logger.warning("--trust-remote-code is on: %s may run its own Python code while loading", model_spec)
             samples, prompt_ids = _generate(
                 text, model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                 max_new_tokens=max_new_tokens, temperature=temperature, hard=hard is not False,

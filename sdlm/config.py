@@ -342,7 +342,7 @@ def _coerce(value: Any, type_: Any, key: str, meta: Mapping[str, Any], default: 
             raise _type_error(key, expected, text, fix)
         problem = meta["check"](text) if meta["check"] else None
         if problem:
-            raise _type_error(key, problem, text)
+            raise _type_error(key, problem.removeprefix("expected "), text)
         return text
     if base == list[int]:
         return _to_token_ids(value, key)
