@@ -166,11 +166,11 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
         data = json.loads(json_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(
-            f"{json_path} not found: the run directory has no checkpoint "
-            "(runs save one every eval.checkpoint_every steps and when they stop)"
+            f"{json_path} not found: the run directory has no checkpoint, because the run stopped before "
+            "saving one (runs save one every eval.checkpoint_every steps and when they stop); start a new run"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read checkpoint {json_path}: {error}") from None
+        raise CheckpointError(f"failed to read checkpoint {json_path} ({error}); start a new run") from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         found = data.get("format") if isinstance(data, dict) else None
         raise CheckpointError(
@@ -181,7 +181,9 @@ def load_checkpoint(run_dir: str | Path) -> Checkpoint:
     try:
         tensors = load_file(str(tensor_path))
     except (OSError, SafetensorError) as error:
-        raise CheckpointError(f"cannot read checkpoint tensors {tensor_path}: {error}") from None
+        raise CheckpointError(
+            f"failed to read checkpoint tensors {tensor_path} ({error}); start a new run"
+        ) from None
     try:
         state = LoopState(**data["state"])
     except (KeyError, TypeError) as error:

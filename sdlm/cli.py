@@ -407,10 +407,7 @@ def _open_run(config, config_path: Path, *, force: bool, resume_dir: Path | None
     from sdlm.runs import RunDirectory, RunDirectoryError, default_run_name
 
     if resume_dir is not None:
-        checkpoint = load_checkpoint(resume_dir)
-        run = RunDirectory(resume_dir)
-        run.truncate_metrics(checkpoint.state.step)
-        return run, checkpoint, True
+        return RunDirectory(resume_dir), load_checkpoint(resume_dir), True
 
     # An explicit run_name must be new unless --force. A derived name gets a -2, -3 ... suffix.
     explicit = config.run_name is not None
@@ -451,6 +448,8 @@ def _run_optimize(config, config_path: Path, *, force: bool, quiet: bool, as_jso
         except BaseException:
             _remove_new_run(run, existed)
             raise
+        if checkpoint is not None:
+            run.truncate_metrics(checkpoint.state.step)
         run.write_config(dump_config(config))
         started = []
         try:

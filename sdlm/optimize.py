@@ -347,7 +347,7 @@ def optimize(
     best_step = state.best_step
     best_loss = state.best_loss
     best_key = _rank(best, best_loss) if best is not None else None
-    history: list[float] = state.history
+    history: list[float] = list(state.history)
     checked: set[tuple[int, ...]] = {tuple(ids) for ids in state.checked}
     reason: StopReason = "max_steps"
     message: str | None = None

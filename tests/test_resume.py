@@ -147,7 +147,7 @@ def test_load_checkpoint_truncated_tensors(tiny_dm, tmp_path):
     optimize(trajectory_config(2), model=tiny_dm, run=run)
     tensors = next(run.path.glob("checkpoint-*.safetensors"))
     tensors.write_bytes(tensors.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="cannot read checkpoint tensors"):
+    with pytest.raises(CheckpointError, match="failed to read checkpoint tensors"):
         load_checkpoint(run.path)
 
 
