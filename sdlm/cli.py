@@ -174,12 +174,16 @@ class StopRequest:
     KeyboardInterrupt at once. Every file of a run is replaced atomically, so that leaves each
     file at its previous complete version. The handler only sets a flag, because writing output
     from a signal handler can interleave with a write in progress.
+
+    While `immediate` is True (the model is loading and nothing needs saving), the first signal
+    raises KeyboardInterrupt at once too.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self.immediate = False
         self.signum: int | None = None
 
     def __call__(self) -> bool:
@@ -194,6 +198,8 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.signum = signum
+        if self.immediate:
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopRequest"]:
@@ -438,26 +444,30 @@ def _run_optimize(config, config_path: Path, *, force: bool, quiet: bool, as_jso
         logger.warning("model.trust_remote_code is true: %s may run its own Python code while loading", config.model.spec)
 
     stop = StopRequest()
-    with _make_renderer(quiet, as_json, stop) as renderer:
-        renderer.loading(config.model.spec, config.model.device)
+    with _make_renderer(quiet, as_json, stop) as renderer, stop.installed():
+        stop.immediate = True
         try:
+            renderer.loading(config.model.spec, config.model.device)
             model = optimize_module.load_diff_model(config)
         except ModelLoadError as error:
             _remove_new_run(run, existed)
             raise _as_config_error(error) from None
+        except KeyboardInterrupt:
+            _remove_new_run(run, existed)
+            raise CommandError("interrupted while loading the model, before the first step", stop.exit_code) from None
         except BaseException:
             _remove_new_run(run, existed)
             raise
+        stop.immediate = False
         if checkpoint is not None:
             run.truncate_metrics(checkpoint.state.step)
         run.write_config(dump_config(config))
         started = []
         try:
-            with stop.installed():
-                result = optimize_module.optimize(
-                    config, model=model, run=run, should_stop=stop, resume=checkpoint,
-                    on_event=lambda event: (started.append(True), renderer.handle(event)),
-                )
+            result = optimize_module.optimize(
+                config, model=model, run=run, should_stop=stop, resume=checkpoint,
+                on_event=lambda event: (started.append(True), renderer.handle(event)),
+            )
         except ConfigError:
             # A check against the model failed before the first step, so the run holds nothing yet.
             if not started:

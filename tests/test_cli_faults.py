@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from sdlm.cli import ExitCode
@@ -105,6 +108,46 @@ def test_bad_config_rejected(tiny, tmp_path, config, args, parts):
     assert_one_line_error(result, *parts)
     assert result.stdout == ""
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    | st.sampled_from(["0", "-1", "1e-3", "nan", "", "cpu", "cuda:9", "adam", "<|endoftext|>", "\n\n"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+KNOWN_KEYS = {
+    "prompt": ["length", "samples", "init_text", "prefix"],
+    "objective": ["target", "target_ids", "mode"],
+    "optimizer": ["lr", "steps", "max_non_finite", "name"],
+    "eval": ["every", "checkpoint_every"],
+    "model": ["device", "dtype"],
+}
+RANDOM_CONFIGS = st.dictionaries(
+    st.sampled_from([*KNOWN_KEYS, "seed", "run_name", "optimiser"]),
+    st.one_of(
+        YAML_VALUES,
+        st.sampled_from(sorted(KNOWN_KEYS)).flatmap(
+            lambda section: st.dictionaries(st.sampled_from([*KNOWN_KEYS[section], "typo"]), YAML_VALUES, max_size=3)
+        ),
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=RANDOM_CONFIGS | st.text(max_size=80))
+def test_validate_random_config_gives_ok_or_one_error(data):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.yaml"
+        text = data if isinstance(data, str) else yaml.safe_dump(data, allow_unicode=True)
+        path.write_text(text, encoding="utf-8")
+        result = invoke("validate", path)
+    assert result.exit_code in (0, ExitCode.INVALID_INPUT), result.stderr
+    if result.exit_code == ExitCode.INVALID_INPUT:
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ")
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -342,6 +385,26 @@ def test_second_sigint_exits_at_once_with_files_intact(tmp_path):
     assert len(error_lines(stderr)) <= 1
     assert "Traceback" not in stderr
     assert_run_files_intact(run_dir)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, ExitCode.TERMINATED), (signal.SIGINT, ExitCode.INTERRUPTED)], ids=["sigterm", "sigint"])
+def test_signal_while_loading_exits_at_once(tmp_path, signum, code):
+    config = long_run_config(tmp_path)
+    process = tiny_cli_process("optimize", str(config), env_extra={"SDLM_TEST_LOAD_SECONDS": "60"})
+    try:
+        # The "loading model" line comes after the handlers are installed.
+        assert process.stderr.readline().startswith("loading model")
+        started = time.monotonic()
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == code, stderr
+    assert time.monotonic() - started < 20
+    assert error_lines(stderr) == ["error: interrupted while loading the model, before the first step"]
+    assert list((tmp_path / "runs").iterdir()) == []
 
 
 def test_resume_continues_run_through_cli(tiny, tmp_path):
