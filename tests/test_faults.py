@@ -206,5 +206,30 @@ def test_memory_per_step_is_flat(tiny_dm):
     assert count_60 <= count_10 * 1.03
     assert bytes_60 <= bytes_10 * 1.03
     assert all(type(loss) is float for loss in result.loss_history)
-    # zero_grad(set_to_none=True) before each backward: the gradient is one step's, not a sum.
-    assert result.string.logits.grad is not None
+
+
+def test_gradient_holds_only_this_steps_backward(tiny_dm, monkeypatch):
+    """At each optimizer step, .grad equals the gradient of this step's backward pass alone."""
+    this_backward: list[torch.Tensor] = []
+    compared: list[bool] = []
+    real_build_prompt, real_build_optimizer = sdlm.optimize.build_prompt, sdlm.optimize.build_optimizer
+
+    def build_prompt(config, model, generator=None):
+        string = real_build_prompt(config, model, generator)
+        string.logits.register_hook(lambda grad: this_backward.append(grad.detach().clone()))
+        return string
+
+    def build_optimizer(name, params, lr):
+        optimizer = real_build_optimizer(name, params, lr)
+
+        def compare(optimizer, args, kwargs) -> None:
+            compared.append(torch.equal(params[0].grad, this_backward[-1]))
+
+        optimizer.register_step_pre_hook(compare)
+        return optimizer
+
+    monkeypatch.setattr(sdlm.optimize, "build_prompt", build_prompt)
+    monkeypatch.setattr(sdlm.optimize, "build_optimizer", build_optimizer)
+    optimize(short_config(steps=6), model=tiny_dm)
+    assert len(compared) == 6
+    assert all(compared)
