@@ -335,7 +335,7 @@ _RESUME_FLAGS = ("optimizer.steps", "model.device")
 def optimize(
     config_path: Annotated[
         Optional[Path],
-        typer.Argument(metavar="[CONFIG]", help="YAML run config, as `sdlm init` writes it (not with --resume).", show_default=False),
+        typer.Argument(metavar="CONFIG", help="YAML run config, as `sdlm init` writes it (not with --resume).", show_default=False),
     ] = None,
     resume: Annotated[
         Optional[Path],
@@ -427,7 +427,7 @@ def _open_run(config, config_path: Path, *, force: bool, resume_dir: Path | None
 
 
 def _remove_new_run(run, existed: bool) -> None:
-    """Remove a run directory this command made, while it holds no more than its config."""
+    """Remove a run directory this command made, while it contains no more than its config."""
     if existed:
         return
     with contextlib.suppress(OSError):
@@ -469,7 +469,7 @@ def _run_optimize(config, config_path: Path, *, force: bool, quiet: bool, as_jso
                 on_event=lambda event: (started.append(True), renderer.handle(event)),
             )
         except ConfigError:
-            # A check against the model failed before the first step, so the run holds nothing yet.
+            # A check against the model failed before the first step, so the run directory contains only its config.
             if not started:
                 _remove_new_run(run, existed)
             raise

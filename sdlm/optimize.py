@@ -445,7 +445,7 @@ def optimize(
             reason = "interrupted"
             break
 
-    # The final checkpoint holds the loop state as it ended, before the fallback check below.
+    # The final checkpoint stores the loop state as it ended, before the fallback check below.
     if run:
         save_checkpoint(run.path, loop_state(), string, optimizer, generator)
     if best is None:

@@ -137,7 +137,7 @@ RANDOM_CONFIGS = st.dictionaries(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=RANDOM_CONFIGS | st.text(max_size=80))
-def test_validate_random_config_gives_ok_or_one_error(data):
+def test_validate_random_config_exits_0_or_2(data):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "c.yaml"
         text = data if isinstance(data, str) else yaml.safe_dump(data, allow_unicode=True)
@@ -368,7 +368,7 @@ def test_sigterm_stops_saves_and_exits_143(tmp_path):
     assert_run_files_intact(run_dir)
 
 
-def test_second_sigint_exits_at_once_with_files_intact(tmp_path):
+def test_second_sigint_keeps_files_intact(tmp_path):
     config = long_run_config(tmp_path, checkpoint_every=1)
     run_dir = tmp_path / "runs" / "long"
     process = tiny_cli_process("optimize", str(config))

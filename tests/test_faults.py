@@ -208,7 +208,7 @@ def test_memory_per_step_is_flat(tiny_dm):
     assert all(type(loss) is float for loss in result.loss_history)
 
 
-def test_gradient_holds_only_this_steps_backward(tiny_dm, monkeypatch):
+def test_gradient_reset_each_step(tiny_dm, monkeypatch):
     """At each optimizer step, .grad equals the gradient of this step's backward pass alone."""
     this_backward: list[torch.Tensor] = []
     compared: list[bool] = []

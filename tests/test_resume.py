@@ -77,7 +77,7 @@ def test_resume_matches_uninterrupted_run(tiny_dm, tmp_path, stgs):
     assert resumed.best_step == straight.best_step
     assert evals(first_events) + evals(resumed_events) == evals(straight_events)
 
-    # metrics.jsonl holds each step once, across the two processes' worth of appends.
+    # metrics.jsonl contains each step once, after the appends of both runs.
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
     straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
