@@ -387,6 +387,31 @@ def test_second_sigint_keeps_files_intact(tmp_path):
     assert_run_files_intact(run_dir)
 
 
+def test_sigkill_leaves_resumable_run(tmp_path):
+    config = long_run_config(tmp_path, checkpoint_every=2)
+    run_dir = tmp_path / "runs" / "long"
+    process = tiny_cli_process("optimize", str(config))
+    try:
+        wait_for_steps(process, run_dir, 7)
+        process.kill()
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert_run_files_intact(run_dir)
+    checkpoint_step = json.loads((run_dir / "checkpoint.json").read_text())["state"]["step"]
+    assert checkpoint_step >= 6
+    assert checkpoint_step % 2 == 0
+
+    # The resumed run drops the rows after the checkpoint and runs 3 more steps.
+    resumed = tiny_cli_process("optimize", "--resume", str(run_dir), "--steps", str(checkpoint_step + 3), "-q")
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == ExitCode.OBJECTIVE_NOT_MET, stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, checkpoint_step + 4))
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, ExitCode.TERMINATED), (signal.SIGINT, ExitCode.INTERRUPTED)], ids=["sigterm", "sigint"])
 def test_signal_while_loading_exits_at_once(tmp_path, signum, code):
     config = long_run_config(tmp_path)
