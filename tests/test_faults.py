@@ -208,6 +208,29 @@ def test_memory_per_step_is_flat(tiny_dm):
     assert all(type(loss) is float for loss in result.loss_history)
 
 
+# NOTE: this project's machines have no GPU, so this test has only ever been skipped.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory per step is measured on CUDA")
+def test_cuda_peak_memory_per_step_is_flat():
+    tokenizer = build_tiny_tokenizer()
+    model = STGSDiffModel(build_tiny_model("llama", len(tokenizer)).to("cuda"), tokenizer)
+    config = Config(
+        prompt=PromptConfig(length=6, samples=4),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10, 11, 12]),
+        optimizer=OptimizerConfig(steps=60),
+        eval=EvalConfig(every=5, stop_on_success=False),
+    )
+    peaks: dict[int, int] = {}
+
+    def measure(event) -> None:
+        if isinstance(event, StepEvent) and event.step in (9, 59):
+            torch.cuda.reset_peak_memory_stats()
+        if isinstance(event, StepEvent) and event.step in (10, 60):
+            peaks[event.step] = torch.cuda.max_memory_allocated()
+
+    optimize(config, model=model, on_event=measure)
+    assert peaks[60] <= peaks[10] * 1.03
+
+
 def test_gradient_reset_each_step(tiny_dm, monkeypatch):
     """At each optimizer step, .grad equals the gradient of this step's backward pass alone."""
     this_backward: list[torch.Tensor] = []
