@@ -613,8 +613,8 @@ class OptimizerConfig(_Validated):
     )
     max_non_finite: int = _option(
         20,
-        help="Consecutive steps with a non-finite loss or gradient (each update skipped) after "
-        "which the run stops and names the likely cause.",
+        help="Number of skipped steps in a row (a non-finite loss, gradient or updated logit "
+        "skips the update) after which the run stops and names the likely cause.",
         ge=1,
     )
 
