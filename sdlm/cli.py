@@ -10,7 +10,8 @@ Exit codes (`ExitCode`):
     1    the run ended without meeting the objective
     2    invalid config, arguments, model or run directory
     3    an unexpected error (rerun with --debug for the traceback)
-    130  interrupted, with the best prompt found so far saved in the run directory
+    130  interrupted by SIGINT (Ctrl-C), with the best prompt so far and a checkpoint saved
+    143  stopped by SIGTERM, with the same files saved
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 
-from sdlm.config import EMBEDDED_MODEL, TEMPLATES, ConfigError, dump_config, load_config, starter_config_yaml
+from sdlm.config import (
+    EMBEDDED_MODEL, TEMPLATES, ConfigError, dump_config, load_config, locate_error, starter_config_yaml,
+)
 
 
 class ExitCode(enum.IntEnum):
@@ -39,11 +42,13 @@ class ExitCode(enum.IntEnum):
     INVALID_INPUT = 2
     UNEXPECTED_ERROR = 3
     INTERRUPTED = 130
+    TERMINATED = 143
 
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 objective met, 1 ran to the end without meeting it, 2 invalid config or "
-    "arguments, 3 unexpected error, 130 interrupted (the best prompt so far is saved)."
+    "arguments, 3 unexpected error, 130 interrupted by Ctrl-C and 143 by SIGTERM (the best prompt "
+    "so far and a checkpoint are saved)."
 )
 
 app = typer.Typer(
@@ -84,10 +89,11 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     They are imported here because sdlm.models imports transformers, which `sdlm --help`,
     `validate` and `init` do without.
     """
+    from sdlm.checkpoint import CheckpointError
     from sdlm.models import ModelLoadError
     from sdlm.runs import RunDirectoryError
 
-    return (ConfigError, ModelLoadError, RunDirectoryError)
+    return (ConfigError, ModelLoadError, RunDirectoryError, CheckpointError)
 
 
 def _error(message: str) -> None:
@@ -161,36 +167,52 @@ def _cli_logging(level: int) -> Iterator[None]:
 
 
 class StopRequest:
-    """A SIGINT handler for the optimization loop, and the `should_stop` that polls it.
+    """A SIGINT and SIGTERM handler for the optimization loop, and the `should_stop` that polls it.
 
-    The first SIGINT requests the loop to stop at the end of the current step, so the best prompt
-    and the learned string are saved. A second SIGINT raises KeyboardInterrupt at once. The
-    handler only sets a flag, because writing output from a signal handler can interleave
-    with a write in progress.
+    The first signal requests the loop to stop at the end of the current step, so the best
+    prompt, the learned string and a checkpoint are saved. A second signal raises
+    KeyboardInterrupt at once. Every file of a run is replaced atomically, so that leaves each
+    file at its previous complete version. The handler only sets a flag, because writing output
+    from a signal handler can interleave with a write in progress.
+
+    While `immediate` is True (the model is loading and nothing needs saving), the first signal
+    raises KeyboardInterrupt at once too.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self.immediate = False
+        self.signum: int | None = None
 
     def __call__(self) -> bool:
         return self.requested
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.TERMINATED if self.signum == signal.SIGTERM else ExitCode.INTERRUPTED
 
     def handle_signal(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
+        if self.immediate:
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["StopRequest"]:
-        """Handle SIGINT inside the block, in the main thread only, because Python allows no other."""
+        """Handle the signals inside the block, in the main thread only, because Python allows no other."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGINT, self.handle_signal)
+        previous = {signum: signal.signal(signum, self.handle_signal) for signum in self.SIGNALS}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 # -- shared options ----------------------------------------------------------------------
@@ -281,17 +303,48 @@ def _print_prompt(text: str) -> None:
     print(quote(text) if sys.stdout.isatty() else text, flush=True)
 
 
-def _exit_code(result) -> ExitCode:
+def _exit_code(result, stop: StopRequest) -> ExitCode:
     if result.success:
         return ExitCode.OBJECTIVE_MET
     if result.reason == "interrupted":
-        return ExitCode.INTERRUPTED
+        return stop.exit_code
     return ExitCode.OBJECTIVE_NOT_MET
+
+
+def _resume_config_path(resume: Path, config_path: Path | None, flags: dict[str, tuple[str, object]]) -> Path:
+    """Return RUN_DIR/config.yaml for --resume, rejecting flags that would change the run."""
+    if config_path is not None:
+        raise CommandError(f"give either CONFIG or --resume {resume}, not both (--resume reads {resume / 'config.yaml'})")
+    changed = [flag for key, (flag, value) in flags.items() if value is not None and key not in _RESUME_FLAGS]
+    if changed:
+        raise CommandError(
+            f"{changed[0]} cannot be combined with --resume, because a resumed run keeps its config; "
+            "only --steps and --device may change"
+        )
+    path = resume / "config.yaml"
+    if not path.is_file():
+        raise CommandError(f"--resume {resume}: no config.yaml there; give a run directory that `sdlm optimize` wrote")
+    return path
+
+
+# Config keys that --resume lets a flag change: more steps, or another device.
+_RESUME_FLAGS = ("optimizer.steps", "model.device")
 
 
 @app.command(epilog=EXIT_CODES_HELP)
 def optimize(
-    config_path: ConfigPath,
+    config_path: Annotated[
+        Optional[Path],
+        typer.Argument(metavar="CONFIG", help="YAML run config, as `sdlm init` writes it (not with --resume).", show_default=False),
+    ] = None,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option(
+            metavar="RUN_DIR", show_default=False,
+            help="Continue the run in RUN_DIR from its latest checkpoint, with its config.yaml. "
+            "Only --steps and --device may change.",
+        ),
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="Device: auto, cpu, cuda, cuda:N or mps (model.device).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Maximum optimization steps (optimizer.steps).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (seed).")] = None,
@@ -311,49 +364,119 @@ def optimize(
     to stderr: a live view on a terminal, plain lines otherwise, nothing with --quiet.
     """
     with _reported_errors(debug):
-        flags = _flag_overrides({
+        flag_values = {
             "model.device": ("--device", device),
             "optimizer.steps": ("--steps", steps),
             "seed": ("--seed", seed),
             "output_dir": ("--output-dir", str(output_dir.absolute()) if output_dir is not None else None),
             "run_name": ("--run-name", run_name),
-        })
+        }
+        if resume is not None:
+            if overrides or force:
+                raise CommandError("--set and --force cannot be combined with --resume, because a resumed run keeps its config")
+            config_path = _resume_config_path(resume, config_path, flag_values)
+        elif config_path is None:
+            raise CommandError("missing CONFIG: give a config file, or --resume RUN_DIR to continue a run")
+        flags = _flag_overrides(flag_values)
         config = _load(config_path, overrides or [], flags)
         with _cli_logging(logging.DEBUG if debug else logging.WARNING):
-            code = _run_optimize(config, config_path, force=force, quiet=quiet, as_json=as_json)
+            try:
+                code = _run_optimize(config, config_path, force=force, quiet=quiet, as_json=as_json, resume_dir=resume)
+            except ConfigError as error:
+                _locate_flag(locate_error(error, config_path, [*(overrides or []), *flags]), flags)
+                raise
     raise typer.Exit(code)
 
 
-def _run_optimize(config, config_path: Path, *, force: bool, quiet: bool, as_json: bool) -> ExitCode:
-    import sdlm.optimize as optimize_module
-    from sdlm.runs import RunDirectory, default_run_name
+def _locate_flag(error: ConfigError, flags: dict[str, str]) -> ConfigError:
+    """Name the flag as typed (`--steps 0`) where an override from a flag set the rejected value."""
+    override = (error.source or "").removeprefix("--set ")
+    if override in flags:
+        error.source = flags[override]
+    return error
+
+
+def _as_config_error(error: Exception) -> ConfigError:
+    """Turn a model or run directory error into a ConfigError that names its config key."""
+    message = str(error)
+    if not message.startswith(error.key):
+        message = f"{error.key}: {message}"
+    return ConfigError(message, key=error.key)
+
+
+def _open_run(config, config_path: Path, *, force: bool, resume_dir: Path | None):
+    """Create the run directory, or open RUN_DIR with its checkpoint for --resume.
+
+    Returns (run, checkpoint or None, whether the directory existed before).
+    """
+    from sdlm.checkpoint import load_checkpoint
+    from sdlm.runs import RunDirectory, RunDirectoryError, default_run_name
+
+    if resume_dir is not None:
+        return RunDirectory(resume_dir), load_checkpoint(resume_dir), True
 
     # An explicit run_name must be new unless --force. A derived name gets a -2, -3 ... suffix.
     explicit = config.run_name is not None
     name = config.run_name if explicit else default_run_name(config_path)
     reused = explicit and force and (Path(config.output_dir) / name).exists()
-    run = RunDirectory.create(config.output_dir, name, force=force and explicit, unique=not explicit)
+    try:
+        run = RunDirectory.create(config.output_dir, name, force=force and explicit, unique=not explicit)
+    except RunDirectoryError as error:
+        raise _as_config_error(error) from None
+    return run, None, reused
+
+
+def _remove_new_run(run, existed: bool) -> None:
+    """Remove a run directory this command made, while it contains no more than its config."""
+    if existed:
+        return
+    with contextlib.suppress(OSError):
+        (run.path / "config.yaml").unlink(missing_ok=True)
+        run.path.rmdir()  # fails, and so keeps the directory, once the run wrote anything else
+
+
+def _run_optimize(config, config_path: Path, *, force: bool, quiet: bool, as_json: bool, resume_dir: Path | None) -> ExitCode:
+    import sdlm.optimize as optimize_module
+    from sdlm.models import ModelLoadError
+
+    run, checkpoint, existed = _open_run(config, config_path, force=force, resume_dir=resume_dir)
+    if config.model.trust_remote_code:
+        logger.warning("model.trust_remote_code is true: %s may run its own Python code while loading", config.model.spec)
 
     stop = StopRequest()
-    with _make_renderer(quiet, as_json, stop) as renderer:
-        renderer.loading(config.model.spec, config.model.device)
+    with _make_renderer(quiet, as_json, stop) as renderer, stop.installed():
+        stop.immediate = True
         try:
+            renderer.loading(config.model.spec, config.model.device)
             model = optimize_module.load_diff_model(config)
+        except ModelLoadError as error:
+            _remove_new_run(run, existed)
+            raise _as_config_error(error) from None
+        except KeyboardInterrupt:
+            _remove_new_run(run, existed)
+            raise CommandError("interrupted while loading the model, before the first step", stop.exit_code) from None
         except BaseException:
-            if not reused:
-                with contextlib.suppress(OSError):
-                    run.path.rmdir()  # removes the new directory only while it is still empty
+            _remove_new_run(run, existed)
             raise
+        stop.immediate = False
+        if checkpoint is not None:
+            run.truncate_metrics(checkpoint.state.step)
         run.write_config(dump_config(config))
+        started = []
         try:
-            with stop.installed():
-                result = optimize_module.optimize(
-                    config, model=model, run=run, on_event=renderer.handle, should_stop=stop
-                )
+            result = optimize_module.optimize(
+                config, model=model, run=run, should_stop=stop, resume=checkpoint,
+                on_event=lambda event: (started.append(True), renderer.handle(event)),
+            )
+        except ConfigError:
+            # A check against the model failed before the first step, so the run directory contains only its config.
+            if not started:
+                _remove_new_run(run, existed)
+            raise
         except KeyboardInterrupt:
             raise CommandError(
                 f"interrupted before the run finished. The files written so far are in {run.path}",
-                ExitCode.INTERRUPTED,
+                stop.exit_code,
             ) from None
 
     if not as_json:
@@ -361,10 +484,13 @@ def _run_optimize(config, config_path: Path, *, force: bool, quiet: bool, as_jso
     if result.reason == "interrupted":
         print(
             f"interrupted at step {result.steps}: best prompt saved to {run.path / 'best_prompt.json'}, "
-            f"learned prompt to {run.path / 'prompt.safetensors'}",
+            f"learned prompt to {run.path / 'prompt.safetensors'}, checkpoint to {run.path / 'checkpoint.json'}; "
+            f"continue with: sdlm optimize --resume {run.path}",
             file=sys.stderr, flush=True,
         )
-    return _exit_code(result)
+    if result.message:
+        print(f"{result.message}. The best prompt so far is in {run.path / 'best_prompt.json'}", file=sys.stderr, flush=True)
+    return _exit_code(result, stop)
 
 
 # -- validate and init -------------------------------------------------------------------
@@ -459,6 +585,8 @@ def generate(
         if greedy and hard is False:
             raise CommandError("--greedy cannot be combined with --soft, because greedy decoding feeds back hard tokens")
         with _cli_logging(logging.DEBUG if debug else logging.WARNING):
+            if trust_remote_code:
+                logger.warning("--trust-remote-code is on: %s may run its own Python code while loading", model_spec)
             samples, prompt_ids = _generate(
                 text, model_spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                 max_new_tokens=max_new_tokens, temperature=temperature, hard=hard is not False,

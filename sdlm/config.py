@@ -56,6 +56,7 @@ __all__ = [
     "config_to_dict",
     "dump_config",
     "load_config",
+    "locate_error",
     "starter_config_yaml",
 ]
 
@@ -341,7 +342,7 @@ def _coerce(value: Any, type_: Any, key: str, meta: Mapping[str, Any], default: 
             raise _type_error(key, expected, text, fix)
         problem = meta["check"](text) if meta["check"] else None
         if problem:
-            raise _type_error(key, problem, text)
+            raise _type_error(key, problem.removeprefix("expected "), text)
         return text
     if base == list[int]:
         return _to_token_ids(value, key)
@@ -610,6 +611,12 @@ class OptimizerConfig(_Validated):
         gt=0,
         example=0.1,
     )
+    max_non_finite: int = _option(
+        20,
+        help="Number of skipped steps in a row (a non-finite loss, gradient or updated logit "
+        "skips the update) after which the run stops and names the likely cause.",
+        ge=1,
+    )
 
 
 @dataclass
@@ -625,6 +632,12 @@ class EvalConfig(_Validated):
         ge=1,
     )
     stop_on_success: bool = _option(True, help="Stop the run at the first successful check.")
+    checkpoint_every: int = _option(
+        50,
+        help="Steps between checkpoints in the run directory, which `sdlm optimize --resume` "
+        "continues from. 0 writes one only when the run stops.",
+        ge=0,
+    )
 
 
 @dataclass
@@ -1108,6 +1121,30 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"cannot read the file: {error.strerror}", source=source) from None
     base_dir = Path(os.path.abspath(path)).parent
     return config_from_yaml(text, source, base_dir, overrides)
+
+
+def locate_error(error: ConfigError, path: str | Path, overrides: Sequence[str] = ()) -> ConfigError:
+    """Fill in where the value behind `error` came from, for a check that runs after loading.
+
+    Checks against the loaded model (such as the target's length against its context) raise a
+    ConfigError with only a key. This names the override that set the key, else the config
+    file and the key's line. An unreadable file leaves the source as the path alone.
+    """
+    origins = {}
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        origins[key] = f"--set {override}"
+    lines: dict[str, int] = {}
+    try:
+        loader = _ConfigLoader(Path(path).read_text(encoding="utf-8-sig"))
+        try:
+            lines, _ = _index_nodes(loader.get_single_node())
+        finally:
+            loader.dispose()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
+        pass
+    _locate(error, str(path), lines, origins)
+    return error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,7 +73,14 @@ _KEY_SAMPLE_BYTES = 1 << 20
 
 
 class ModelLoadError(ValueError):
-    """A model spec, device or dtype that cannot be loaded. The message names the value and the fix."""
+    """A model spec, device or dtype that cannot be loaded. The message names the value and the fix.
+
+    key: the config key of the rejected value, "model.spec", "model.device" or "model.dtype".
+    """
+
+    def __init__(self, message: str, key: str = "model.spec") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # --- device, dtype and cache folder --------------------------------------------------------
@@ -106,7 +113,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ModelLoadError(f"invalid device {device!r}; use one of: {choices}") from error
+        raise ModelLoadError(f"invalid device {device!r}; use one of: {choices}", key="model.device") from error
 
     if resolved.type == "cpu":
         return resolved
@@ -115,7 +122,7 @@ def resolve_device(device: str = "auto") -> torch.device:
             return resolved
     if resolved.type == "mps" and torch.backends.mps.is_available() and resolved.index in (None, 0):
         return resolved
-    raise ModelLoadError(f"device {device!r} is not available on this machine; use one of: {choices}")
+    raise ModelLoadError(f"device {device!r} is not available on this machine; use one of: {choices}", key="model.device")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -124,7 +131,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise ModelLoadError(f"invalid dtype {dtype!r}; use one of: {', '.join(_DTYPES)}")
+    raise ModelLoadError(f"invalid dtype {dtype!r}; use one of: {', '.join(_DTYPES)}", key="model.dtype")
 
 
 def default_cache_dir() -> Path:

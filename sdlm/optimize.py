@@ -18,7 +18,8 @@ from typing import Callable, Literal
 
 import torch
 
-from sdlm.config import Config
+from sdlm.checkpoint import Checkpoint, LoopState, restore_checkpoint, save_checkpoint
+from sdlm.config import Config, ConfigError
 from sdlm.objectives import CheckResult, TargetObjective
 from sdlm.runs import RunDirectory
 from sdlm.stgs import STGS
@@ -87,6 +88,8 @@ class OptimizeResult:
     loss_history: list[float] = field(repr=False)
     run_dir: str | None = None
     string: STGSDiffString | None = field(default=None, repr=False)
+    # Why the run stopped early, with the setting to change (reason "non_finite"), else None.
+    message: str | None = None
 
     def summary(self) -> dict:
         """Plain data for JSON: everything but the loss history and the string."""
@@ -98,6 +101,7 @@ class OptimizeResult:
             "best_step": self.best_step,
             "best": asdict(self.best),
             "run_dir": self.run_dir,
+            "message": self.message,
         }
 
 
@@ -194,6 +198,107 @@ def load_diff_model(config: Config) -> STGSDiffModel:
     return STGSDiffModel(hf_model, tokenizer, stgs=STGS(temperature=s.temperature, hard=s.hard, noise_scale=s.noise_scale))
 
 
+# -- checks before the loop -------------------------------------------------------------
+
+
+def model_context_length(model: STGSDiffModel) -> int | None:
+    """Return the model's maximum sequence length from its config, or None when it names none."""
+    hf_config = model.model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fits_model(config: Config, model: STGSDiffModel, objective: TargetObjective, string: STGSDiffString) -> None:
+    """Raise ConfigError when the target ids lie outside the vocabulary, or when prefix, prompt,
+    suffix and target together exceed the model's context."""
+    target_ids = objective.target_ids[0].tolist()
+    target_key = "objective.target_ids" if config.objective.target_ids else "objective.target"
+    for index, token_id in enumerate(target_ids):
+        if token_id >= model.vocab_size:
+            raise ConfigError(
+                f"{target_key}[{index}]: token id {token_id} is outside the model's vocabulary of "
+                f"{model.vocab_size} tokens (use ids below {model.vocab_size})",
+                key=f"{target_key}[{index}]", value=token_id,
+            )
+
+    context = model_context_length(model)
+    if context is None:
+        return
+    prompt_key = "prompt.init_text" if config.prompt.init_text else "prompt.length"
+    fixed = objective.prefix_ids.shape[1] + objective.suffix_ids.shape[1]
+    prompt_length, target_length = string.length, len(target_ids)
+    if prompt_length + fixed >= context:
+        raise ConfigError(
+            f"{prompt_key}: a {prompt_length}-token prompt plus {fixed} tokens of prompt.prefix and "
+            f"prompt.suffix leave no room for the target in the model's context of {context} tokens "
+            f"(shorten {prompt_key} or the prefix and suffix)",
+            key=prompt_key, value=prompt_length,
+        )
+    if prompt_length + fixed + target_length > context:
+        raise ConfigError(
+            f"{target_key}: {target_length} tokens plus a {prompt_length}-token prompt and {fixed} tokens of "
+            f"prefix and suffix exceed the model's context of {context} tokens "
+            f"(shorten {target_key} to at most {context - prompt_length - fixed} tokens, or shorten the prompt)",
+            key=target_key, related_keys=(prompt_key,), value=target_length,
+        )
+
+
+# -- non-finite steps ----------------------------------------------------------------------
+
+
+def apply_update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+    """Step the optimizer unless the loss or the gradient is non-finite, and undo a step that
+    made a parameter non-finite.
+
+    Returns None when the update was applied, else what was non-finite: "loss", "gradient" or
+    "update". An undone update still advanced the optimizer's moment estimates.
+    """
+    if not bool(torch.isfinite(loss)):
+        return "loss"
+    if not bool(torch.isfinite(grad_norm)):
+        return "gradient"
+    before = [param.detach().clone() for param in params]
+    try:
+        optimizer.step()
+    except RuntimeError as error:
+        # torch.optim raises this when a learning rate such as 1e300 does not fit in float32.
+        if "overflow" not in str(error):
+            raise
+    else:
+        if all(bool(torch.isfinite(param).all()) for param in params):
+            return None
+    with torch.no_grad():
+        for param, saved in zip(params, before):
+            param.copy_(saved)
+    return "update"
+
+
+def non_finite_cause(kind: str, config: Config, model: STGSDiffModel, soft_finite: bool, temperature: float) -> str:
+    """Name the likely cause of a non-finite `kind` ("loss", "gradient", "update") and the setting to change."""
+    lr = config.optimizer.lr
+    dtype = str(model.embedding_weight.dtype).removeprefix("torch.")
+    if kind == "update":
+        return (
+            f"the update made the prompt logits non-finite, so optimizer.lr ({lr:g}) is likely too high; "
+            "lower optimizer.lr"
+        )
+    if not soft_finite:
+        return (
+            f"the soft sample is non-finite at temperature {temperature:g}, which is too low; raise "
+            "stgs.temperature (and stgs.min_temperature or optimizer.final_temperature when it is learned or scheduled)"
+        )
+    if dtype in ("float16", "bfloat16"):
+        return f"the model's {dtype} arithmetic overflowed; set model.dtype to float32"
+    if kind == "gradient":
+        return (
+            f"the gradient overflowed; set optimizer.grad_clip (such as 1.0) or lower optimizer.lr ({lr:g})"
+        )
+    return "the model returned a non-finite loss in float32; check the model's weights and stgs.temperature"
+
+
 # -- the loop ----------------------------------------------------------------------------
 
 
@@ -204,12 +309,17 @@ def optimize(
     run: RunDirectory | None = None,
     on_event: Callable[[Event], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume: Checkpoint | None = None,
 ) -> OptimizeResult:
     """Optimize a prompt for `config`; return the best discrete prompt found and how the run ended.
 
     model: a ready STGSDiffModel (else config.model is loaded). run: where to write metrics,
-    the best prompt and the learned string. should_stop: polled after each step; True ends the
-    run with reason "interrupted".
+    the best prompt, the learned string and checkpoints. should_stop: polled after each step;
+    True ends the run with reason "interrupted". resume: a checkpoint of an earlier run of the
+    same config, which this run continues from the step after it.
+
+    Raises ConfigError when the target does not fit the model (vocabulary or context), and
+    CheckpointError when `resume` does not fit the config.
     """
     emit = on_event or (lambda event: None)
     torch.manual_seed(config.seed)
@@ -217,38 +327,58 @@ def optimize(
     generator = torch.Generator(device=model.device).manual_seed(config.seed)
     string = build_prompt(config, model, generator)
     objective = build_objective(config, model)
-    optimizer = build_optimizer(config.optimizer.name, list(string.parameters()), config.optimizer.lr)
+    check_fits_model(config, model, objective, string)
+    params = list(string.parameters())
+    optimizer = build_optimizer(config.optimizer.name, params, config.optimizer.lr)
     opt, s = config.optimizer, config.stgs
     final_temperature = opt.final_temperature or s.min_temperature
+    state = LoopState(step=0)
+    if resume is not None:
+        restore_checkpoint(resume, string, optimizer, generator)
+        state = resume.state
     emit(RunStarted(
         model=config.model.spec, device=str(model.device), target_text=objective.target_text,
         target_ids=objective.target_ids[0].tolist(), prompt_length=string.length, steps=opt.steps,
         samples=config.prompt.samples, run_dir=str(run.path) if run else None,
     ))
 
-    start = time.perf_counter()
-    best: CheckResult | None = None
-    best_step, best_key = 0, None
-    history: list[float] = []
-    checked: set[tuple[int, ...]] = set()
+    start = time.perf_counter() - state.seconds
+    best: CheckResult | None = CheckResult(**state.best) if state.best is not None else None
+    best_step = state.best_step
+    best_loss = state.best_loss
+    best_key = _rank(best, best_loss) if best is not None else None
+    history: list[float] = list(state.history)
+    checked: set[tuple[int, ...]] = {tuple(ids) for ids in state.checked}
     reason: StopReason = "max_steps"
-    non_finite_in_a_row = 0
-    step = 0
+    message: str | None = None
+    non_finite_in_a_row = state.non_finite_in_a_row
+    step = state.step
+    if run and best is not None:
+        run.write_best({"step": best_step, "loss": state.best_loss} | state.best)
 
     def consider(ids: list[int], loss: float, step: int) -> bool:
         """Check one prompt; update the best. Returns True on success."""
-        nonlocal best, best_step, best_key
+        nonlocal best, best_step, best_key, best_loss
         check = objective.check(ids)
         key = _rank(check, loss)
         improved = best_key is None or key > best_key
         if improved:
-            best, best_step, best_key = check, step, key
+            best, best_step, best_key, best_loss = check, step, key, loss
             if run:
                 run.write_best({"step": step, "loss": loss} | asdict(check))
         emit(EvalEvent(step=step, check=check, improved=improved, best=best))
         return check.success
 
-    for step in range(1, opt.steps + 1):
+    def loop_state() -> LoopState:
+        return LoopState(
+            step=step, seconds=time.perf_counter() - start, history=history,
+            best=asdict(best) if best is not None else None, best_step=best_step, best_loss=best_loss,
+            checked=[list(ids) for ids in checked], non_finite_in_a_row=non_finite_in_a_row,
+        )
+
+    # A resumed run that had already met its objective has nothing left to do.
+    last_step = state.step if best is not None and best.success and config.eval.stop_on_success else opt.steps
+    for step in range(state.step + 1, last_step + 1):
         # Sample S prompts at this step's temperature (a schedule applies to a fixed temperature).
         temperature = None
         if s.learnable_temperature == "none":
@@ -260,29 +390,31 @@ def optimize(
         loss = scored.per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(string.parameters(), opt.grad_clip or float("inf"))
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
-            non_finite_in_a_row = 0
-        else:
-            non_finite_in_a_row += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, opt.grad_clip or float("inf"))
+        non_finite = apply_update(optimizer, params, loss.detach(), grad_norm)
+        non_finite_in_a_row = 0 if non_finite is None else non_finite_in_a_row + 1
 
         # Record the step.
         per_sample = scored.per_sample.detach()
         loss_value = float(loss.detach())
         history.append(loss_value)
-        tau = float(draw.temperature.float().mean())
+        tau = float(draw.temperature.detach().float().mean())
         event = StepEvent(
             step=step, steps=opt.steps, loss=loss_value, best_sample_loss=float(per_sample.min()),
             accuracy=None if scored.accuracy is None else float(scored.accuracy.max()),
-            temperature=tau, prompt_text=string.text, elapsed=time.perf_counter() - start, skipped=not finite,
+            temperature=tau, prompt_text=string.text, elapsed=time.perf_counter() - start,
+            skipped=non_finite is not None,
         )
         if run:
             run.append_metrics({k: v for k, v in asdict(event).items() if k != "prompt_text"})
         emit(event)
-        if non_finite_in_a_row >= 20:
+        if non_finite_in_a_row >= opt.max_non_finite:
             reason = "non_finite"
+            cause = non_finite_cause(non_finite, config, model, bool(torch.isfinite(draw.probs).all()), tau)
+            message = (
+                f"stopped after {non_finite_in_a_row} steps in a row with a non-finite {non_finite} "
+                f"(each update skipped): {cause}"
+            )
             break
 
         # Check candidates with real greedy generation: samples whose teacher-forced argmax
@@ -304,10 +436,18 @@ def optimize(
         if success and config.eval.stop_on_success:
             reason = "success"
             break
+
+        # Save a checkpoint every eval.checkpoint_every steps, then honour a stop request.
+        every = config.eval.checkpoint_every
+        if run and every and step % every == 0:
+            save_checkpoint(run.path, loop_state(), string, optimizer, generator)
         if should_stop is not None and should_stop():
             reason = "interrupted"
             break
 
+    # The final checkpoint stores the loop state as it ended, before the fallback check below.
+    if run:
+        save_checkpoint(run.path, loop_state(), string, optimizer, generator)
     if best is None:
         consider(string.ids.tolist(), history[-1] if history else float("nan"), step)
     if run:
@@ -315,7 +455,7 @@ def optimize(
     result = OptimizeResult(
         success=best.success, reason=reason if reason != "max_steps" or not best.success else "success",
         steps=step, seconds=time.perf_counter() - start, best=best, best_step=best_step,
-        loss_history=history, run_dir=str(run.path) if run else None, string=string,
+        loss_history=history, run_dir=str(run.path) if run else None, string=string, message=message,
     )
     if run:
         run.write_summary(result.summary())

@@ -6,6 +6,8 @@ Layout of a run directory:
     best_prompt.json         the best discrete prompt so far: text, ids, output, metrics
     prompt.safetensors(.json) the learned STGSDiffString (`STGSDiffString.load` reads it)
     summary.json             written once the run ends
+    checkpoint.json          the latest checkpoint (see sdlm.checkpoint), with its tensors in
+    checkpoint-<step>.safetensors
 
 Every file except metrics.jsonl is written to a temporary file and renamed into place, so a
 kill at any moment leaves the previous complete version.
@@ -22,16 +24,21 @@ from typing import Any
 
 RUN_FILES = (
     "config.yaml", "metrics.jsonl", "best_prompt.json", "prompt.safetensors", "prompt.safetensors.json", "summary.json",
+    "checkpoint.json",
 )
 
 
 class RunDirectoryError(ValueError):
-    """The run directory cannot be made or written."""
+    """The run directory cannot be made or written. key: the config key to change."""
+
+    def __init__(self, message: str, key: str = "output_dir") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -61,10 +68,11 @@ class RunDirectory:
                 path = output_dir / f"{name}-{n}"
             elif not force:
                 raise RunDirectoryError(
-                    f"run directory {str(path)!r} already exists; pass --force to reuse it or choose another run_name"
+                    f"run directory {str(path)!r} already exists; pass --force to reuse it or choose another run_name",
+                    key="run_name",
                 )
             elif not path.is_dir():
-                raise RunDirectoryError(f"run directory {str(path)!r} is a file; remove it or choose another run_name")
+                raise RunDirectoryError(f"run directory {str(path)!r} is a file; remove it or choose another run_name", key="run_name")
         try:
             path.mkdir(parents=True, exist_ok=True)
             probe = path / ".write-test"
@@ -77,6 +85,8 @@ class RunDirectory:
             # Files of the earlier run would read as this run's results, so they go first.
             for name in RUN_FILES:
                 (path / name).unlink(missing_ok=True)
+            for old in path.glob("checkpoint-*.safetensors"):
+                old.unlink()
         return run
 
     def write_config(self, text: str) -> None:
@@ -88,6 +98,24 @@ class RunDirectory:
             self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Keep only the metrics rows up to `last_step`, so a resumed run does not repeat steps.
+
+        A row cut short by a kill is dropped too.
+        """
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+                kept.append(line + "\n")
+        _atomic_write_text(path, "".join(kept))
 
     def write_best(self, best: dict[str, Any]) -> None:
         _atomic_write_text(self.path / "best_prompt.json", json.dumps(best, indent=2, ensure_ascii=False) + "\n")

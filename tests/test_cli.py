@@ -62,7 +62,9 @@ def install_tiny_model() -> STGSDiffModel:
     # Tiny matrices gain nothing from threads, and busy cores make thread spin-waits costly.
     torch.set_num_threads(1)
     model = build_tiny_diff_model()
-    sdlm.optimize.load_diff_model = lambda config: model
+    # Tests of signals during loading set this to make the load take that many seconds.
+    load_seconds = float(os.environ.get("SDLM_TEST_LOAD_SECONDS", "0"))
+    sdlm.optimize.load_diff_model = lambda config: (time.sleep(load_seconds), model)[1]
     return model
 
 
@@ -332,7 +334,9 @@ def test_optimize_model_error_leaves_no_run(monkeypatch, unmet_config):
     monkeypatch.setattr(sdlm.optimize, "load_diff_model", fail)
     result = invoke("optimize", unmet_config)
     assert result.exit_code == ExitCode.INVALID_INPUT
-    assert result.stderr.strip().endswith("error: model file or directory /nowhere not found; check the path")
+    assert result.stderr.strip().endswith(
+        "unmet.yaml: model.spec: model file or directory /nowhere not found; check the path"
+    )
     assert "Traceback" not in result.stderr
     assert list((unmet_config.parent / "runs").iterdir()) == []
 
@@ -355,9 +359,9 @@ def test_optimize_unexpected_error_exits_3(monkeypatch, unmet_config):
 # -- a real process: plain output and SIGINT ---------------------------------------------
 
 
-def tiny_cli_process(*args: str, **popen_kwargs) -> subprocess.Popen:
+def tiny_cli_process(*args: str, env_extra: dict[str, str] | None = None, **popen_kwargs) -> subprocess.Popen:
     """Start `sdlm` on the tiny model in a new process, with a narrow dumb terminal setting."""
-    env = {**os.environ, "COLUMNS": "40", "TERM": "dumb", "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "COLUMNS": "40", "TERM": "dumb", "NO_COLOR": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, str(THIS_FILE), *args], cwd=REPO_ROOT, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_kwargs,
