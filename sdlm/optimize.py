@@ -211,9 +211,33 @@ def model_context_length(model: STGSDiffModel) -> int | None:
     return None
 
 
+def check_prompt_length(config: Config, model: STGSDiffModel) -> None:
+    """Raise ConfigError when the prompt with prefix and suffix fills the model's context.
+
+    It runs before the prompt's (1, L, V) logits are allocated, which for a length far past the
+    context would fail with an allocator error instead of naming the key.
+    """
+    context = model_context_length(model)
+    if context is None:
+        return
+    p = config.prompt
+    encode = lambda text: len(model.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    prompt_key = "prompt.init_text" if p.init_text else "prompt.length"
+    prompt_length = encode(p.init_text) if p.init_text else p.length
+    fixed = encode(p.prefix) + encode(p.suffix)
+    if prompt_length + fixed >= context:
+        raise ConfigError(
+            f"{prompt_key}: a {prompt_length}-token prompt plus {fixed} tokens of prompt.prefix and "
+            f"prompt.suffix leave no room for the target in the model's context of {context} tokens "
+            f"(shorten {prompt_key} or the prefix and suffix)",
+            key=prompt_key, value=prompt_length,
+        )
+
+
 def check_fits_model(config: Config, model: STGSDiffModel, objective: TargetObjective, string: STGSDiffString) -> None:
     """Raise ConfigError when the target ids lie outside the vocabulary, or when prefix, prompt,
-    suffix and target together exceed the model's context."""
+    suffix and target together exceed the model's context (`check_prompt_length` has already
+    checked the prompt without the target)."""
     target_ids = objective.target_ids[0].tolist()
     target_key = "objective.target_ids" if config.objective.target_ids else "objective.target"
     for index, token_id in enumerate(target_ids):
@@ -230,13 +254,6 @@ def check_fits_model(config: Config, model: STGSDiffModel, objective: TargetObje
     prompt_key = "prompt.init_text" if config.prompt.init_text else "prompt.length"
     fixed = objective.prefix_ids.shape[1] + objective.suffix_ids.shape[1]
     prompt_length, target_length = string.length, len(target_ids)
-    if prompt_length + fixed >= context:
-        raise ConfigError(
-            f"{prompt_key}: a {prompt_length}-token prompt plus {fixed} tokens of prompt.prefix and "
-            f"prompt.suffix leave no room for the target in the model's context of {context} tokens "
-            f"(shorten {prompt_key} or the prefix and suffix)",
-            key=prompt_key, value=prompt_length,
-        )
     if prompt_length + fixed + target_length > context:
         raise ConfigError(
             f"{target_key}: {target_length} tokens plus a {prompt_length}-token prompt and {fixed} tokens of "
@@ -325,6 +342,7 @@ def optimize(
     torch.manual_seed(config.seed)
     model = model if model is not None else load_diff_model(config)
     generator = torch.Generator(device=model.device).manual_seed(config.seed)
+    check_prompt_length(config, model)
     string = build_prompt(config, model, generator)
     objective = build_objective(config, model)
     check_fits_model(config, model, objective, string)

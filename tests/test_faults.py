@@ -256,3 +256,10 @@ def test_gradient_reset_each_step(tiny_dm, monkeypatch):
     optimize(short_config(steps=6), model=tiny_dm)
     assert len(compared) == 6
     assert all(compared)
+
+
+def test_huge_prompt_length_rejected_before_allocation(tiny_dm):
+    # 10**9 positions of (1, L, V) float32 logits would need terabytes.
+    config = Config(prompt=PromptConfig(length=10**9), objective=ObjectiveConfig(target_ids=[5]))
+    with pytest.raises(ConfigError, match="prompt.length: a 1000000000-token prompt"):
+        optimize(config, model=tiny_dm)
