@@ -20,6 +20,10 @@ import torch
 
 from sdlm.config import Config
 from sdlm.objectives import CheckResult, TargetObjective
+from sdlm.objectives_composite import CompositeObjective, Term
+from sdlm.objectives_keywords import KeywordsTerm
+from sdlm.objectives_prompt import EntropyTerm, FluencyTerm
+from sdlm.objectives_task import TaskTerm
 from sdlm.runs import RunDirectory
 from sdlm.stgs import STGS
 from sdlm.stgs_diff_model import STGSDiffModel
@@ -50,7 +54,8 @@ class RunStarted:
 @dataclass
 class StepEvent:
     """One optimizer step. loss: mean over samples; best_sample_loss: min over samples;
-    accuracy: best teacher-forced token accuracy among samples (None in generation mode)."""
+    accuracy: best teacher-forced token accuracy among samples (None in generation mode);
+    terms: each scored term's unweighted loss, mean over samples."""
 
     kind = "step"
     step: int
@@ -62,6 +67,7 @@ class StepEvent:
     prompt_text: str
     elapsed: float
     skipped: bool = False
+    terms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,9 +93,14 @@ class OptimizeResult:
     loss_history: list[float] = field(repr=False)
     run_dir: str | None = None
     string: STGSDiffString | None = field(default=None, repr=False)
+    report: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        """Plain data for JSON: everything but the loss history and the string."""
+        """Plain data for JSON: everything but the loss history and the string.
+
+        report: per-term results on the initial and the best prompt, such as the task's
+        accuracy on its training and held-out examples before and after the run.
+        """
         return {
             "success": self.success,
             "reason": self.reason,
@@ -98,6 +109,7 @@ class OptimizeResult:
             "best_step": self.best_step,
             "best": asdict(self.best),
             "run_dir": self.run_dir,
+            "report": self.report,
         }
 
 
@@ -176,12 +188,32 @@ def _stgs_kwargs(stgs: STGS) -> dict:
     )
 
 
-def build_objective(config: Config, model: STGSDiffModel) -> TargetObjective:
+def build_objective(config: Config, model: STGSDiffModel, string: STGSDiffString | None = None) -> CompositeObjective:
+    """The weighted terms that config turns on; `string` is needed only by the entropy term."""
     o, p = config.objective, config.prompt
-    kwargs = dict(prefix=p.prefix, suffix=p.suffix, mode=o.mode)
-    if o.target_ids:
-        return TargetObjective(model, list(o.target_ids), **kwargs)
-    return TargetObjective.from_text(model, o.target, **kwargs)
+    terms: list[tuple[float, Term]] = []
+    if o.target is not None or o.target_ids is not None:
+        kwargs = dict(prefix=p.prefix, suffix=p.suffix, mode=o.mode, loss=o.loss, margin=o.margin)
+        if o.target_ids:
+            target = TargetObjective(model, list(o.target_ids), **kwargs)
+        else:
+            target = TargetObjective.from_text(model, o.target, **kwargs)
+        terms.append((o.weight, target))
+    k = config.keywords
+    if k.require or k.avoid:
+        terms.append((k.weight, KeywordsTerm(
+            model, require=k.require, avoid=k.avoid, prefix=p.prefix, suffix=p.suffix,
+            max_new_tokens=k.max_new_tokens, case_sensitive=k.case_sensitive,
+        )))
+    if config.task.examples or config.task.path is not None:
+        terms.append((config.task.weight, TaskTerm.from_config(model, config.task, seed=config.seed, margin=o.margin)))
+    if config.fluency.weight > 0 or config.fluency.max_perplexity is not None:
+        terms.append((config.fluency.weight, FluencyTerm(model, prefix=p.prefix, max_perplexity=config.fluency.max_perplexity)))
+    if config.entropy.weight != 0:
+        if string is None:
+            raise ValueError("the entropy term needs the learnable string: pass string=")
+        terms.append((config.entropy.weight, EntropyTerm(string)))
+    return CompositeObjective(model, terms, prefix=p.prefix)
 
 
 def load_diff_model(config: Config) -> STGSDiffModel:
@@ -216,7 +248,7 @@ def optimize(
     model = model if model is not None else load_diff_model(config)
     generator = torch.Generator(device=model.device).manual_seed(config.seed)
     string = build_prompt(config, model, generator)
-    objective = build_objective(config, model)
+    objective = build_objective(config, model, string)
     optimizer = build_optimizer(config.optimizer.name, list(string.parameters()), config.optimizer.lr)
     opt, s = config.optimizer, config.stgs
     final_temperature = opt.final_temperature or s.min_temperature
@@ -227,6 +259,7 @@ def optimize(
     ))
 
     start = time.perf_counter()
+    initial_ids = string.ids.tolist()
     best: CheckResult | None = None
     best_step, best_key = 0, None
     history: list[float] = []
@@ -277,6 +310,7 @@ def optimize(
             step=step, steps=opt.steps, loss=loss_value, best_sample_loss=float(per_sample.min()),
             accuracy=None if scored.accuracy is None else float(scored.accuracy.max()),
             temperature=tau, prompt_text=string.text, elapsed=time.perf_counter() - start, skipped=not finite,
+            terms={name: float(value.mean()) for name, value in scored.terms.items()},
         )
         if run:
             run.append_metrics({k: v for k, v in asdict(event).items() if k != "prompt_text"})
@@ -316,6 +350,7 @@ def optimize(
         success=best.success, reason=reason if reason != "max_steps" or not best.success else "success",
         steps=step, seconds=time.perf_counter() - start, best=best, best_step=best_step,
         loss_history=history, run_dir=str(run.path) if run else None, string=string,
+        report=objective.report(initial_ids, best.prompt_ids),
     )
     if run:
         run.write_summary(result.summary())
