@@ -82,8 +82,8 @@ def _option(
     gt, ge and le bound a number. nonempty rejects "". check receives a validated string and
     returns the problem ("expected ...") or None. example is shown in the fix of an error
     message in place of the default. convert(value, key) validates a value of a type that the
-    generic checks do not know (lists of text, lists of mappings) and returns it in canonical
-    form, raising ConfigError; expected describes that type in error messages.
+    generic checks do not know, such as a list of texts, and returns it in canonical form. It
+    raises ConfigError. expected describes that type in error messages.
     """
     metadata = {
         "help": help,
@@ -256,7 +256,7 @@ def _coerce(
 ) -> Any:
     """Validate one field value and return it in its canonical Python type.
 
-    build_section(cls, data, key) turns a mapping into a nested section; the config that holds
+    build_section(cls, data, key) turns a mapping into a nested section. The config that contains
     sections provides it.
 
     Raises ConfigError naming ``key`` when the value has the wrong type or fails the check.
@@ -374,5 +374,5 @@ class _Validated:
     def _check_fields_together(self) -> None:
         """Run the checks that involve several fields, after each field passed its own."""
 
-    # A config that holds sections sets this to a function (cls, data, key) -> section.
+    # A config that contains sections sets this to a function (cls, data, key) -> section.
     _build_section: ClassVar[Callable[[type, Any, str], Any] | None] = None

@@ -1,8 +1,8 @@
 """A composite objective: a weighted sum of term losses, and a check that every term passes.
 
-A term is any object with `name`, `primary` (True when its check judges the model's output,
-as target, keywords and task do), `loss(prompt_y) -> LossOutput` and
-`check(prompt_ids) -> CheckResult`; it may also have `report(initial_ids, final_ids) -> dict`.
+A term is any object with `name`, `primary`, `loss(prompt_y) -> LossOutput` and
+`check(prompt_ids) -> CheckResult`. `primary` is True when the check judges the model's output,
+as target, keywords and task do. A term may also have `report(initial_ids, final_ids) -> dict`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ class CompositeObjective:
     """loss = sum of weight * term loss; success = every term's check passes.
 
     Terms with weight 0 are checked but not scored. The check's output fields (output, token
-    accuracy, LCS ratio) come from the first primary term; its metrics hold the prompt's
-    perplexity under the model after `prefix` ("prompt_perplexity", absent for a one-token
-    prompt with no prefix) and every term's metrics as "<term>.<name>".
+    accuracy, LCS ratio) come from the first primary term. Its metrics contain every term's
+    metrics as "<term>.<name>" and "prompt_perplexity", the prompt's perplexity under the
+    model after `prefix` (absent for a one-token prompt with no prefix).
     """
 
     def __init__(self, model: STGSDiffModel, terms: list[tuple[float, Term]], *, prefix: str = "") -> None:
@@ -101,7 +101,7 @@ class CompositeObjective:
         )
 
     def report(self, initial_ids: list[int], final_ids: list[int]) -> dict:
-        """Each term's report on the initial and the final prompt, for terms that make one."""
+        """Collect each term's report on the initial and the final prompt, for terms that make one."""
         reports = {}
         for _, term in self.terms:
             make_report = getattr(term, "report", None)

@@ -2,8 +2,8 @@
 
 Shapes: `S` Gumbel samples, `N` generated tokens, `K` token variants of one word, `V` vocabulary.
 
-The loss looks only at each word's first token, in the spellings the word can start with
-(with and without a leading space, and in other cases unless matching is case-sensitive):
+The loss looks only at each word's first token, in the spellings the word can start with. These
+are with and without a leading space, and in other cases unless matching is case-sensitive.
   required word: -log of the expected number of positions that emit one of its first tokens,
                  -log sum_t sum_k p_t(k), floored at 0 so a word already likely costs nothing;
   avoided word:  sum_t -log(1 - sum_k p_t(k)), which grows as any position leans towards it.
@@ -20,13 +20,13 @@ from sdlm.stgs_diff_model import STGSDiffModel
 
 
 def word_spellings(word: str, case_sensitive: bool) -> list[str]:
-    """The texts a word may appear as in generated text, before its first token is taken."""
+    """List the texts a word may appear as in generated text, before its first token is taken."""
     forms = [word] if case_sensitive else list(dict.fromkeys([word, word.lower(), word.capitalize(), word.upper()]))
     return [prefix + form for form in forms for prefix in ("", " ")]
 
 
 def first_token_ids(tokenizer, word: str, case_sensitive: bool) -> list[int]:
-    """The distinct first token ids of the word's spellings."""
+    """Return the distinct first token ids of the word's spellings."""
     ids = []
     for text in word_spellings(word, case_sensitive):
         encoded = tokenizer.encode(text, add_special_tokens=False)
@@ -36,7 +36,7 @@ def first_token_ids(tokenizer, word: str, case_sensitive: bool) -> list[int]:
 
 
 def find_words(text: str, words: list[str], case_sensitive: bool) -> list[bool]:
-    """Whether each word occurs in text as a substring."""
+    """Return whether each word occurs in text as a substring."""
     if not case_sensitive:
         text, words = text.casefold(), [w.casefold() for w in words]
     return [w in text for w in words]

@@ -18,7 +18,7 @@ from sdlm.stgs_diff_string import STGSDiffString
 def prompt_nll(model: STGSDiffModel, prefix_ids: torch.Tensor, prompt_y: torch.Tensor) -> torch.Tensor | None:
     """Mean negative log-likelihood (S,) of the prompt tokens under the model, teacher-forced.
 
-    prompt_y (S, L, V) holds one-hot (or soft) tokens; each is the target of the prediction
+    prompt_y (S, L, V) contains one-hot (or soft) tokens. Each is the target of the prediction
     from the positions before it, through a soft cross-entropy -sum_v y[v] log p[v], so the
     gradient reaches the prompt both as input and as target. Without a prefix the first token
     has no context and is not scored; returns None when no token is scored.
@@ -48,7 +48,7 @@ def prompt_check(
     prompt_ids: list[int], prompt_text: str, success: bool, score: float, *, text_ids_same: bool = True,
     text_success: bool | None = None, metrics: dict[str, float] | None = None,
 ) -> CheckResult:
-    """A CheckResult for a term that judges the prompt alone, with no generated output."""
+    """Build the CheckResult of a term that judges the prompt alone, with no generated output."""
     return CheckResult(
         success=success, prompt_ids=list(prompt_ids), prompt_text=prompt_text, output_ids=[], output_text="",
         token_accuracy=score, lcs_ratio=score, text_ids_same=text_ids_same,

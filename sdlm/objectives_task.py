@@ -5,7 +5,7 @@ Shapes: `S` Gumbel samples, `B` examples in a minibatch, `T` padded sequence, `O
 
 Each example is laid out by a template such as "{prompt}\\nInput: {input}\\nOutput:", followed
 by output_prefix and the expected output. The loss scores the output tokens teacher-forced
-for a minibatch of training examples; the check runs greedy generation on every training
+for a minibatch of training examples. The check runs greedy generation on every training
 example and compares the text (surrounding whitespace ignored) with the expected output.
 """
 
@@ -85,12 +85,15 @@ def split_examples(examples: list[Example], heldout: float, seed: int) -> tuple[
     """Shuffle with `seed` and hold out round(heldout * n) examples, keeping at least one for training."""
     order = list(examples)
     random.Random(seed).shuffle(order)
-    held = min(round(heldout * len(order)), len(order) - 1)
-    return order[held:], order[:held]
+    heldout_count = min(round(heldout * len(order)), len(order) - 1)
+    return order[heldout_count:], order[:heldout_count]
 
 
 def split_template(template: str, input_text: str) -> tuple[str, str]:
-    """The text before and after {prompt}, with {input} filled in and doubled braces unescaped."""
+    """Split a template at {prompt} into the text before and after, with {input} filled in.
+
+    Doubled braces become single ones. Raises ValueError for a missing {prompt} or an unknown field.
+    """
     before, after, seen_prompt = [], [], False
     for literal, name, _, _ in string_module.Formatter().parse(template):
         (after if seen_prompt else before).append(literal)
@@ -117,7 +120,7 @@ class TaskTerm:
     """Make the model answer each example's input with its output, through one shared prompt.
 
     The loss averages the token loss over a minibatch of `batch_size` training examples, drawn
-    in a seeded order; the check passes when exact-match accuracy on all training examples is
+    in a seeded order. The check passes when exact-match accuracy on all training examples is
     at least min_accuracy. `report` scores the training and held-out examples.
     """
 
@@ -173,7 +176,7 @@ class TaskTerm:
         return EncodedExample(self.model.encode(before), self.model.encode(after), output_ids, example.output.strip())
 
     def _next_batch(self) -> list[EncodedExample]:
-        """The next batch_size training examples of a reshuffled pass over them."""
+        """Take the next batch_size training examples from a seeded pass, reshuffled each pass."""
         batch = []
         while len(batch) < self.batch_size:
             if not self._queue:
@@ -210,7 +213,9 @@ class TaskTerm:
             targets = e.output_ids.expand(S, -1)  # (S, n)
             losses.append(token_losses(example_logits, targets, self.loss_type, self.margin).mean(-1))
             hits.append((example_logits.detach().argmax(-1) == targets).all(-1))
-        solved = torch.stack(hits).all(0)  # (S,)
+        # A minibatch that misses training examples says little about the check, so only a batch
+        # that covers them all marks samples as worth a greedy check.
+        solved = torch.stack(hits).all(0) if B == len(self.train) else None  # (S,)
         return LossOutput(per_sample=torch.stack(losses).mean(0), solved=solved, accuracy=torch.stack(hits).float().mean(0))
 
     # -- checks ----------------------------------------------------------------------------
