@@ -40,6 +40,9 @@ MAX_CHECKS_PER_STEP = 2
 
 @dataclass
 class RunStarted:
+    """The start of a run. target_text and target_ids are empty when no target term is on;
+    terms names every term of the objective."""
+
     kind = "start"
     model: str
     device: str
@@ -49,6 +52,7 @@ class RunStarted:
     steps: int
     samples: int
     run_dir: str | None
+    terms: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -255,7 +259,7 @@ def optimize(
     emit(RunStarted(
         model=config.model.spec, device=str(model.device), target_text=objective.target_text,
         target_ids=objective.target_ids[0].tolist(), prompt_length=string.length, steps=opt.steps,
-        samples=config.prompt.samples, run_dir=str(run.path) if run else None,
+        samples=config.prompt.samples, run_dir=str(run.path) if run else None, terms=objective.names,
     ))
 
     start = time.perf_counter()

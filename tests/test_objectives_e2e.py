@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from sdlm.config import load_config
 from sdlm.optimize import load_diff_model, optimize
@@ -21,7 +20,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def embedded():
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     return load_diff_model(load_config(CONFIGS / "margin.yaml"))
 
 
@@ -30,7 +28,7 @@ def run(name: str, model, overrides=()):
     return optimize(config, model=model)
 
 
-@pytest.mark.parametrize("name", ["margin.yaml", "fluency.yaml", "entropy.yaml"])
+@pytest.mark.parametrize("name", ["margin.yaml", "entropy.yaml"])
 def test_target_configs_succeed(embedded, name):
     result = run(name, embedded)
 
