@@ -46,7 +46,7 @@ from sdlm.config_fields import (
     _type_error,
     _Validated,
 )
-from sdlm.config_objectives import EntropyConfig, FluencyConfig, KeywordsConfig, TaskConfig
+from sdlm.config_objectives import EntropyConfig, FluencyConfig, KeywordsConfig, TaskConfig, to_word_list
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -169,6 +169,17 @@ class PromptConfig(_Validated):
     )
     samples: int = _option(
         4, help="Gumbel samples drawn per step as one batch. The loss averages over them.", ge=1
+    )
+    banned: list[str] = _option(
+        help="Texts the prompt's tokens must not contain: every token whose decoded text "
+        "contains one of them (case and spaces as written) is removed from the vocabulary, on "
+        "top of vocab_mask.",
+        factory=list,
+        convert=to_word_list,
+        expected="a list of non-empty texts",
+    )
+    banned_ids: list[int] | None = _option(
+        None, help="Token ids the prompt must not use, on top of vocab_mask and banned.", example=[42, 7]
     )
 
 

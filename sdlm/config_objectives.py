@@ -26,7 +26,7 @@ TaskLoss = Literal["cross_entropy", "margin"]
 TEMPLATE_FIELDS = ("prompt", "input")
 
 
-def _to_word_list(value: Any, key: str) -> list[str]:
+def to_word_list(value: Any, key: str) -> list[str]:
     """Validate a list of non-empty texts; numbers are read back as text."""
     expected = "a list of non-empty texts"
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -140,13 +140,13 @@ class KeywordsConfig(_Validated):
     require: list[str] = _option(
         help="Words or phrases that the greedy output must contain.",
         factory=list,
-        convert=_to_word_list,
+        convert=to_word_list,
         expected="a list of non-empty texts",
     )
     avoid: list[str] = _option(
         help="Words or phrases that the greedy output must not contain.",
         factory=list,
-        convert=_to_word_list,
+        convert=to_word_list,
         expected="a list of non-empty texts",
     )
     weight: float = _option(1.0, help="Weight of the keyword term in the loss.", ge=0)

@@ -27,7 +27,7 @@ from sdlm.objectives_task import TaskTerm
 from sdlm.runs import RunDirectory
 from sdlm.stgs import STGS
 from sdlm.stgs_diff_model import STGSDiffModel
-from sdlm.stgs_diff_string import STGSDiffString
+from sdlm.stgs_diff_string import STGSDiffString, banned_token_mask, build_vocab_mask
 
 StopReason = Literal["success", "max_steps", "interrupted", "non_finite"]
 
@@ -167,18 +167,24 @@ def build_prompt(config: Config, model: STGSDiffModel, generator: torch.Generato
         noise_scale=s.noise_scale,
         embedding_weight=model.embedding_weight,
     )
+    vocab_mask = p.vocab_mask
+    if p.banned or p.banned_ids:
+        allowed = build_vocab_mask(model.tokenizer, p.vocab_mask, model.vocab_size)
+        vocab_mask = allowed & ~banned_token_mask(model.tokenizer, model.vocab_size, p.banned, p.banned_ids or ())
+        if not vocab_mask.any():
+            raise ValueError("prompt.banned and prompt.banned_ids leave no token to use; ban fewer")
     if p.init_text:
         length = len(model.tokenizer.encode(p.init_text, add_special_tokens=False))
         if s.learnable_temperature == "per_position":
             stgs = STGS(**{**_stgs_kwargs(stgs), "length": length})
         string = STGSDiffString(
             model.tokenizer, init_text=p.init_text, init_scale=p.init_scale,
-            vocab_size=model.vocab_size, vocab_mask=p.vocab_mask, stgs=stgs,
+            vocab_size=model.vocab_size, vocab_mask=vocab_mask, stgs=stgs,
         )
     else:
         string = STGSDiffString(
             model.tokenizer, length=p.length, init_scale=p.init_scale, vocab_size=model.vocab_size,
-            vocab_mask=p.vocab_mask, stgs=stgs, generator=generator,
+            vocab_mask=vocab_mask, stgs=stgs, generator=generator,
         )
     return string.to(model.device)
 

@@ -78,6 +78,25 @@ def build_vocab_mask(tokenizer, kind: VocabMask | Sequence[int] | torch.Tensor, 
     return mask
 
 
+def banned_token_mask(tokenizer, vocab_size: int, texts: Sequence[str] = (), ids: Sequence[int] = ()) -> torch.Tensor:
+    """Return a (V,) bool mask, True for each token in `ids` or whose decoded text contains one of `texts`.
+
+    NOTE: this bans single tokens only, so a prompt can still spell a banned text across tokens.
+    """
+    banned = torch.zeros(vocab_size, dtype=torch.bool)
+    ids = list(ids)
+    if ids:
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise ValueError(f"banned token ids must lie in [0, {vocab_size}), got {ids!r}")
+        banned[torch.as_tensor(ids, dtype=torch.long)] = True
+    if texts:
+        size = min(len(tokenizer), vocab_size)
+        for token_id, text in enumerate(_decoded_tokens(tokenizer, size)):
+            if any(t in text for t in texts):
+                banned[token_id] = True
+    return banned
+
+
 def _decoded_tokens(tokenizer, size: int) -> list[str]:
     return _decoded_tokens_cached(tokenizer, size)
 

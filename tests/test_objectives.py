@@ -17,6 +17,7 @@ from sdlm.objectives_keywords import KeywordsTerm, find_words, first_token_ids
 from sdlm.objectives_prompt import EntropyTerm, FluencyTerm, masked_entropy, prompt_perplexity
 from sdlm.objectives_task import Example, TaskTerm, load_examples, split_examples, split_template
 from sdlm.optimize import build_objective, optimize
+from sdlm.stgs_diff_string import banned_token_mask
 
 
 @pytest.fixture(scope="module")
@@ -431,3 +432,46 @@ def test_optimize_task_writes_report(dm, tmp_path):
         assert 0.0 <= report[key] <= 1.0
     assert result.best.terms.keys() == {"task", "fluency"}
     assert "prompt_perplexity" in result.best.metrics
+
+
+# -- vocabulary restriction --------------------------------------------------------------
+
+
+def test_banned_token_mask_texts_and_ids(dm):
+    tok = dm.tokenizer
+    mask = banned_token_mask(tok, dm.vocab_size, texts=["ello"], ids=[3])
+
+    for token_id in range(len(tok)):
+        text = tok.decode([token_id])
+        assert bool(mask[token_id]) == ("ello" in text or token_id == 3), (token_id, text)
+    assert not mask[len(tok):].any()
+
+
+def test_banned_token_ids_out_of_range(dm):
+    with pytest.raises(ValueError, match="banned token ids must lie in"):
+        banned_token_mask(dm.tokenizer, dm.vocab_size, ids=[dm.vocab_size])
+
+
+def test_optimize_never_samples_banned_tokens(dm):
+    config = Config(
+        prompt=PromptConfig(init_text="hello world", samples=2, banned=["hello", " w"], banned_ids=[7]),
+        objective=ObjectiveConfig(target_ids=[5, 6]),
+        optimizer=OptimizerConfig(steps=3),
+    )
+    banned = banned_token_mask(dm.tokenizer, dm.vocab_size, ["hello", " w"], [7])
+
+    result = optimize(config, model=dm)
+
+    assert not result.string.vocab_mask[banned].any()
+    assert not any(banned[i] for i in result.best.prompt_ids)
+    assert not any(banned[i] for i in result.string.ids.tolist())
+
+
+def test_banning_every_token_rejected(dm):
+    config = Config(
+        prompt=PromptConfig(length=2, banned_ids=list(range(len(dm.tokenizer)))),
+        objective=ObjectiveConfig(target_ids=[5]),
+    )
+
+    with pytest.raises(ValueError, match="leave no token"):
+        optimize(config, model=dm)
