@@ -77,6 +77,7 @@ EMBEDDED_MODEL = "smollm2"
 
 DType = Literal["float32", "bfloat16", "float16"]
 VocabMask = Literal["none", "no_special", "printable", "ascii"]
+ChatRole = Literal["none", "system", "user"]
 LearnableTemperature = Literal["none", "scalar", "per_position"]
 HardMethod = Literal["argmax", "categorical", "nearest"]
 LogitNormalization = Literal["none", "center", "zscore"]
@@ -169,6 +170,15 @@ class PromptConfig(_Validated):
     )
     samples: int = _option(
         4, help="Gumbel samples drawn per step as one batch. The loss averages over them.", ge=1
+    )
+    chat: ChatRole = _option(
+        "none",
+        help="Wrap [prefix][prompt][suffix] in the tokenizer's chat template, so the output is "
+        "scored as the assistant's reply: none, system (as the system message) or user (as the "
+        "user message).",
+    )
+    chat_message: str = _option(
+        "", help="With chat: system, the user message that follows the system message."
     )
     banned: list[str] = _option(
         help="Texts the prompt's tokens must not contain: every token whose decoded text "
@@ -361,6 +371,20 @@ class Config(_Validated):
                 "keywords.avoid or task examples)",
                 key="objective.target",
                 related_keys=("objective.target_ids",),
+            )
+        if has_task and self.prompt.chat != "none":
+            raise ConfigError(
+                f"prompt.chat: {self.prompt.chat!r} is not supported with task examples (set "
+                "prompt.chat to none and write the chat markup into task.template)",
+                key="prompt.chat",
+                value=self.prompt.chat,
+            )
+        if self.prompt.chat_message and self.prompt.chat != "system":
+            raise ConfigError(
+                "prompt.chat_message: only used with prompt.chat: system (set prompt.chat to "
+                "system, or put the text into prompt.suffix)",
+                key="prompt.chat_message",
+                value=self.prompt.chat_message,
             )
         stgs = self.stgs
         if self.optimizer.temperature_schedule == "constant":

@@ -18,6 +18,7 @@ from typing import Callable, Literal
 
 import torch
 
+from sdlm.chat import chat_frame
 from sdlm.config import Config
 from sdlm.objectives import CheckResult, TargetObjective
 from sdlm.objectives_composite import CompositeObjective, Term
@@ -201,9 +202,10 @@ def _stgs_kwargs(stgs: STGS) -> dict:
 def build_objective(config: Config, model: STGSDiffModel, string: STGSDiffString | None = None) -> CompositeObjective:
     """The weighted terms that config turns on; `string` is needed only by the entropy term."""
     o, p = config.objective, config.prompt
+    prefix, suffix = chat_frame(model.tokenizer, p.chat, p.prefix, p.suffix, p.chat_message)
     terms: list[tuple[float, Term]] = []
     if o.target is not None or o.target_ids is not None:
-        kwargs = dict(prefix=p.prefix, suffix=p.suffix, mode=o.mode, loss=o.loss, margin=o.margin)
+        kwargs = dict(prefix=prefix, suffix=suffix, mode=o.mode, loss=o.loss, margin=o.margin)
         if o.target_ids:
             target = TargetObjective(model, list(o.target_ids), **kwargs)
         else:
@@ -212,18 +214,18 @@ def build_objective(config: Config, model: STGSDiffModel, string: STGSDiffString
     k = config.keywords
     if k.require or k.avoid:
         terms.append((k.weight, KeywordsTerm(
-            model, require=k.require, avoid=k.avoid, prefix=p.prefix, suffix=p.suffix,
+            model, require=k.require, avoid=k.avoid, prefix=prefix, suffix=suffix,
             max_new_tokens=k.max_new_tokens, case_sensitive=k.case_sensitive,
         )))
     if config.task.examples or config.task.path is not None:
         terms.append((config.task.weight, TaskTerm.from_config(model, config.task, seed=config.seed, margin=o.margin)))
     if config.fluency.weight > 0 or config.fluency.max_perplexity is not None:
-        terms.append((config.fluency.weight, FluencyTerm(model, prefix=p.prefix, max_perplexity=config.fluency.max_perplexity)))
+        terms.append((config.fluency.weight, FluencyTerm(model, prefix=prefix, max_perplexity=config.fluency.max_perplexity)))
     if config.entropy.weight != 0:
         if string is None:
             raise ValueError("the entropy term needs the learnable string: pass string=")
         terms.append((config.entropy.weight, EntropyTerm(string)))
-    return CompositeObjective(model, terms, prefix=p.prefix)
+    return CompositeObjective(model, terms, prefix=prefix)
 
 
 def load_diff_model(config: Config) -> STGSDiffModel:

@@ -79,6 +79,8 @@ def test_nothing_to_optimize_names_every_option():
         ("keywords:\n  require: [a]\n  max_new_tokens: 0\n", "keywords.max_new_tokens", 3, ">= 1"),
         ("objective:\n  target: x\nprompt:\n  banned: [ok, 3, '']\n", "prompt.banned[2]", 4, "non-empty text"),
         ("objective:\n  target: x\nprompt:\n  banned_ids: [1, -2]\n", "prompt.banned_ids[1]", 4, "an integer >= 0"),
+        ("task:\n  examples: [{input: a, output: b}]\nprompt:\n  chat: user\n", "prompt.chat", 4, "not supported with task"),
+        ("objective:\n  target: x\nprompt:\n  chat_message: hi\n", "prompt.chat_message", 4, "only used with prompt.chat: system"),
         ("objective:\n  target: x\n  loss: hinge\n", "objective.loss", 3, "'cross_entropy', 'margin', got 'hinge'"),
         ("objective:\n  target: x\n  margin: -1\n", "objective.margin", 3, ">= 0"),
         ("objective:\n  target: x\nfluency:\n  max_perplexity: 1\n", "fluency.max_perplexity", 4, "> 1"),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 from sdlm import STGSDiffModel, STGSDiffString
+from sdlm.chat import chat_frame
 from sdlm.config import Config, ConfigError, ObjectiveConfig, OptimizerConfig, PromptConfig, TaskConfig
 from sdlm.objectives import TargetObjective, greedy_generate, token_losses
 from sdlm.objectives_composite import CompositeObjective
@@ -475,3 +476,52 @@ def test_banning_every_token_rejected(dm):
 
     with pytest.raises(ValueError, match="leave no token"):
         optimize(config, model=dm)
+
+
+# -- chat template -----------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture()
+def chat_tokenizer():
+    tok = build_tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_chat_frame_user(chat_tokenizer):
+    assert chat_frame(chat_tokenizer, "user", "A ", " B") == ("<user>A ", " B</user>\n<assistant>")
+
+
+def test_chat_frame_system(chat_tokenizer):
+    before, after = chat_frame(chat_tokenizer, "system", "", "", "hi")
+
+    assert before == "<system>"
+    assert after == "</system>\n<user>hi</user>\n<assistant>"
+
+
+def test_chat_frame_none_keeps_text(chat_tokenizer):
+    assert chat_frame(chat_tokenizer, "none", "a", "b") == ("a", "b")
+
+
+def test_chat_frame_needs_template():
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_frame(build_tiny_tokenizer(), "user")
+
+
+def test_chat_objective_scores_after_template(chat_tokenizer):
+    dm = STGSDiffModel(build_tiny_model("llama", len(chat_tokenizer)), chat_tokenizer)
+    config = Config(prompt=PromptConfig(chat="user", prefix="Q: "), objective=ObjectiveConfig(target_ids=[5, 6]))
+
+    objective = build_objective(config, dm)
+
+    target = objective.target
+    assert target.prefix == "<user>Q: "
+    assert target.suffix == "</user>\n<assistant>"
+    prompt_ids = dm.tokenizer.encode("hello")
+    full = dm.tokenizer.encode(target.prefix) + prompt_ids + dm.tokenizer.encode(target.suffix)
+    assert objective.check(prompt_ids).output_ids == greedy_generate(dm, full, 2)
