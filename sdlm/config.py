@@ -46,7 +46,7 @@ from sdlm.config_fields import (
     _type_error,
     _Validated,
 )
-from sdlm.config_objectives import EntropyConfig, FluencyConfig, KeywordsConfig, TaskConfig, to_word_list
+from sdlm.config_objectives import EntropyConfig, FluencyConfig, KeywordsConfig, TaskConfig, to_constraints, to_word_list
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -179,6 +179,15 @@ class PromptConfig(_Validated):
     )
     chat_message: str = _option(
         "", help="With chat: system, the user message that follows the system message."
+    )
+    constraints: list[dict[str, Any]] = _option(
+        help="Per-position limits: {position: N, text: ...} fixes positions from N to the tokens "
+        "of the text, {position: N, tokens: [...]} allows only those single-token texts, and "
+        "{position: N, chars: CLASS} only tokens made of one character class (alpha, digit, "
+        "alnum, upper, lower, space or ascii; one leading space allowed).",
+        factory=list,
+        convert=to_constraints,
+        expected="a list of mappings",
     )
     banned: list[str] = _option(
         help="Texts the prompt's tokens must not contain: every token whose decoded text "
@@ -500,8 +509,10 @@ def _resolve_model_spec(spec: str, base_dir: Path) -> str:
 
 
 def _parent_keys(key: str) -> list[str]:
-    """List a key and its parents, nearest first: "a.b[2]" gives "a.b[2]", "a.b", "a"."""
+    """List a key and its parents, nearest first: "a.b[2].c" gives "a.b[2].c", "a.b[2]", "a.b", "a"."""
     keys = [key]
+    if "]" in key and not key.endswith("]"):
+        keys.append(key[: key.index("]") + 1])  # the list item that contains the key
     base = key.split("[", 1)[0]
     if base != key:
         keys.append(base)

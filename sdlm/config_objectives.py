@@ -74,6 +74,48 @@ def _to_examples(value: Any, key: str) -> list[dict[str, str]]:
     return examples
 
 
+CHAR_CLASSES = ("alpha", "digit", "alnum", "upper", "lower", "space", "ascii")
+CONSTRAINT_KINDS = ("text", "tokens", "chars")
+
+
+def to_constraints(value: Any, key: str) -> list[dict[str, Any]]:
+    """Validate a list of {position, text | tokens | chars} mappings of per-position constraints."""
+    fix = f"write each item of {key} as {{position: N, text: ...}}, {{position: N, tokens: [...]}} or {{position: N, chars: alpha}}"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise _type_error(key, "a list of mappings", value, fix)
+    constraints = []
+    for index, item in enumerate(value):
+        item_key = f"{key}[{index}]"
+        if not isinstance(item, Mapping):
+            raise _type_error(item_key, "a mapping", item, fix)
+        unknown = [name for name in item if name not in ("position", *CONSTRAINT_KINDS)]
+        if unknown:
+            raise ConfigError(f"{item_key}: unknown key {_show(unknown[0])} ({fix})", key=item_key, value=item)
+        kinds = [name for name in CONSTRAINT_KINDS if name in item]
+        if len(kinds) != 1:
+            raise ConfigError(f"{item_key}: expected exactly one of text, tokens or chars, got {kinds or 'none'} ({fix})", key=item_key, value=item)
+        position = item.get("position")
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise _type_error(f"{item_key}.position", "an integer >= 0", position, "positions count prompt tokens from 0")
+        kind = kinds[0]
+        if kind == "text":
+            if isinstance(item["text"], bool) or item["text"] is None:
+                raise _type_error(f"{item_key}.text", "non-empty text", item["text"], "quote the text")
+            setting: Any = _to_text(item["text"], f"{item_key}.text")
+            if setting == "":
+                raise _type_error(f"{item_key}.text", "non-empty text", setting)
+        elif kind == "tokens":
+            setting = to_word_list(item["tokens"], f"{item_key}.tokens")
+            if not setting:
+                raise _type_error(f"{item_key}.tokens", "a non-empty list of texts", item["tokens"])
+        else:
+            setting = item["chars"]
+            if setting not in CHAR_CLASSES:
+                raise _type_error(f"{item_key}.chars", "one of " + ", ".join(CHAR_CLASSES), setting)
+        constraints.append({"position": position, kind: setting})
+    return constraints
+
+
 def check_template(template: str) -> str | None:
     """Return the problem with a task template, or None when it has {prompt} and {input} once each."""
     try:

@@ -98,7 +98,10 @@ class FluencyTerm:
 
 
 def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean entropy in nats over positions of softmax(logits) (1, L, V), counting allowed tokens only."""
+    """Mean entropy in nats over positions of softmax(logits) (1, L, V), counting allowed tokens only.
+
+    mask: (V,) or (L, V) bool of allowed tokens.
+    """
     # A large finite fill in place of -inf: disallowed tokens get probability 0 and a finite
     # log-probability, so p log p and its gradient are 0 there rather than NaN.
     masked = logits.float().masked_fill(~mask, -1e9)
@@ -121,11 +124,11 @@ class EntropyTerm:
         self.string = string
 
     def loss(self, prompt_y: torch.Tensor) -> LossOutput:
-        entropy = masked_entropy(self.string.logits, self.string.vocab_mask)  # (1,)
+        entropy = masked_entropy(self.string.logits, self.string.allowed_mask)  # (1,)
         return LossOutput(per_sample=entropy.expand(prompt_y.shape[0]))
 
     @torch.no_grad()
     def check(self, prompt_ids: list[int]) -> CheckResult:
-        entropy = float(masked_entropy(self.string.logits, self.string.vocab_mask)[0])
+        entropy = float(masked_entropy(self.string.logits, self.string.allowed_mask)[0])
         text = self.string.decode(list(prompt_ids))
         return prompt_check(prompt_ids, text, True, 1.0, metrics={"entropy": entropy})

@@ -20,6 +20,7 @@ import torch
 
 from sdlm.chat import chat_frame
 from sdlm.config import Config
+from sdlm.constraints import position_mask
 from sdlm.objectives import CheckResult, TargetObjective
 from sdlm.objectives_composite import CompositeObjective, Term
 from sdlm.objectives_keywords import KeywordsTerm
@@ -187,6 +188,8 @@ def build_prompt(config: Config, model: STGSDiffModel, generator: torch.Generato
             model.tokenizer, length=p.length, init_scale=p.init_scale, vocab_size=model.vocab_size,
             vocab_mask=vocab_mask, stgs=stgs, generator=generator,
         )
+    if p.constraints:
+        string.constrain(position_mask(model.tokenizer, string.length, model.vocab_size, p.constraints))
     return string.to(model.device)
 
 

@@ -12,6 +12,7 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 from sdlm import STGSDiffModel, STGSDiffString
 from sdlm.chat import chat_frame
 from sdlm.config import Config, ConfigError, ObjectiveConfig, OptimizerConfig, PromptConfig, TaskConfig
+from sdlm.constraints import position_mask
 from sdlm.objectives import TargetObjective, greedy_generate, token_losses
 from sdlm.objectives_composite import CompositeObjective
 from sdlm.objectives_keywords import KeywordsTerm, find_words, first_token_ids
@@ -525,3 +526,78 @@ def test_chat_objective_scores_after_template(chat_tokenizer):
     prompt_ids = dm.tokenizer.encode("hello")
     full = dm.tokenizer.encode(target.prefix) + prompt_ids + dm.tokenizer.encode(target.suffix)
     assert objective.check(prompt_ids).output_ids == greedy_generate(dm, full, 2)
+
+
+# -- per-position constraints ------------------------------------------------------------
+
+
+def test_position_mask_kinds(dm):
+    tok = dm.tokenizer
+    hello = tok.encode("hello")
+    constraints = [
+        {"position": 0, "text": "hello"},
+        {"position": 2, "tokens": ["The", " the"]},
+        {"position": 3, "chars": "digit"},
+    ]
+
+    mask = position_mask(tok, 4, dm.vocab_size, constraints)
+
+    assert mask[0].nonzero().view(-1).tolist() == hello[:1]
+    assert mask[1].all()
+    assert sorted(mask[2].nonzero().view(-1).tolist()) == sorted(tok.encode("The") + tok.encode(" the"))
+    for token_id in mask[3].nonzero().view(-1).tolist():
+        assert tok.decode([token_id]).removeprefix(" ").isdigit()
+    assert mask[3].any()
+
+
+@pytest.mark.parametrize(
+    ("constraints", "message"),
+    [
+        ([{"position": 4, "chars": "alpha"}], r"prompt.constraints\[0\]: position 4 is past"),
+        ([{"position": 0, "tokens": ["hello world"]}], r"prompt.constraints\[0\].tokens: 'hello world' encodes to"),
+        ([{"position": 1, "chars": "alpha"}, {"position": 1, "chars": "digit"}], r"already constrained by prompt.constraints\[0\]"),
+    ],
+)
+def test_position_mask_errors(dm, constraints, message):
+    with pytest.raises(ValueError, match=message):
+        position_mask(dm.tokenizer, 4, dm.vocab_size, constraints)
+
+
+def test_constrained_string_samples_allowed_tokens(dm, tmp_path):
+    string = STGSDiffString(dm.tokenizer, length=3, vocab_size=dm.vocab_size)
+    mask = position_mask(dm.tokenizer, 3, dm.vocab_size, [{"position": 1, "text": "hello"}, {"position": 2, "chars": "digit"}])
+    string.constrain(mask)
+
+    draw = string.sample(8, generator=torch.Generator().manual_seed(0))
+
+    assert (draw.ids[:, 1] == dm.tokenizer.encode("hello")[0]).all()
+    assert mask[2][draw.ids[:, 2]].all()
+    assert mask[torch.arange(3), string.ids].all()
+    string.save(tmp_path / "s")
+    loaded = STGSDiffString.load(tmp_path / "s", dm.tokenizer)
+    assert torch.equal(loaded.position_mask, mask)
+    with pytest.raises(ValueError, match="per-position constraints"):
+        string.insert(0)
+
+
+def test_constrain_rejects_empty_position(dm):
+    string = STGSDiffString(dm.tokenizer, length=2, vocab_size=dm.vocab_size)
+    mask = torch.ones(2, dm.vocab_size, dtype=torch.bool)
+    mask[1] = False
+
+    with pytest.raises(ValueError, match=r"positions \[1\] have no token"):
+        string.constrain(mask)
+
+
+def test_optimize_keeps_constraints(dm):
+    config = Config(
+        prompt=PromptConfig(length=4, samples=2, constraints=[{"position": 0, "text": "hello"}, {"position": 3, "chars": "alpha"}]),
+        objective=ObjectiveConfig(target_ids=[5, 6]),
+        entropy={"weight": 0.1},
+        optimizer=OptimizerConfig(steps=3),
+    )
+
+    result = optimize(config, model=dm)
+
+    assert result.best.prompt_ids[0] == dm.tokenizer.encode("hello")[0]
+    assert dm.tokenizer.decode([result.best.prompt_ids[3]]).removeprefix(" ").isalpha()
