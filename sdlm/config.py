@@ -17,7 +17,7 @@ Example::
     >>> OptimizerConfig(lr=-1)
     Traceback (most recent call last):
     ...
-    sdlm.config.ConfigError: optimizer.lr: expected a number > 0, got -1 (set optimizer.lr to a number > 0, such as 0.3)
+    sdlm.config_fields.ConfigError: optimizer.lr: expected a number > 0, got -1 (set optimizer.lr to a number > 0, such as 0.3)
 
 This module must not import torch, because the CLI imports it to validate configs quickly.
 """
@@ -26,30 +26,43 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import re
 import textwrap
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import yaml
+
+from sdlm.config_fields import (
+    ConfigError,
+    _check_device,
+    _check_run_name,
+    _field_types,
+    _is_optional,
+    _option,
+    _show,
+    _type_error,
+    _Validated,
+)
+from sdlm.config_objectives import EntropyConfig, FluencyConfig, KeywordsConfig, TaskConfig, to_constraints, to_word_list
 
 __all__ = [
     "EMBEDDED_MODEL",
     "TEMPLATES",
     "Config",
     "ConfigError",
+    "EntropyConfig",
     "EvalConfig",
+    "FluencyConfig",
+    "KeywordsConfig",
     "ModelConfig",
     "ObjectiveConfig",
     "OptimizerConfig",
     "PromptConfig",
     "STGSConfig",
+    "TaskConfig",
     "apply_overrides",
     "config_from_dict",
     "config_from_yaml",
@@ -65,350 +78,18 @@ EMBEDDED_MODEL = "smollm2"
 
 DType = Literal["float32", "bfloat16", "float16"]
 VocabMask = Literal["none", "no_special", "printable", "ascii"]
+ChatRole = Literal["none", "system", "user"]
 LearnableTemperature = Literal["none", "scalar", "per_position"]
 HardMethod = Literal["argmax", "categorical", "nearest"]
 LogitNormalization = Literal["none", "center", "zscore"]
 ObjectiveType = Literal["target"]
 TargetMode = Literal["teacher_forcing", "generation"]
+TargetLoss = Literal["cross_entropy", "margin"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 TemperatureSchedule = Literal["constant", "linear", "exponential", "cosine"]
 
 # numpy.random.seed accepts at most 2**32 - 1, so numpy, random and torch all accept this range.
 MAX_SEED = 2**32 - 1
-
-
-class ConfigError(ValueError):
-    """Invalid configuration file, key or value.
-
-    Attributes:
-        message: the text after the location, e.g. "optimizer.lr: expected a number > 0, ...".
-        key: dotted key of the rejected setting, such as "optimizer.lr", or None.
-        line: 1-based line in the YAML file, or None.
-        source: the file path, "--set KEY=VALUE" for a command-line override, or None.
-        value: the rejected value, or None when there is none.
-        related_keys: other keys involved in a cross-field check.
-
-    ``str(error)`` is one line: "SOURCE:LINE: MESSAGE", with absent parts left out.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        key: str | None = None,
-        line: int | None = None,
-        source: str | None = None,
-        value: Any = None,
-        related_keys: Sequence[str] = (),
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.key = key
-        self.line = line
-        self.source = source
-        self.value = value
-        self.related_keys = tuple(related_keys)
-
-    def __str__(self) -> str:
-        location = self.source or ""
-        if self.line is not None:
-            location = f"{location}:{self.line}" if location else f"line {self.line}"
-        text = f"{location}: {self.message}" if location else self.message
-        return " ".join(text.splitlines())
-
-
-# ---------------------------------------------------------------------------------------------
-# Field declarations and checks
-# ---------------------------------------------------------------------------------------------
-
-
-def _option(
-    default: Any = dataclasses.MISSING,
-    *,
-    help: str,
-    factory: Callable[[], Any] | None = None,
-    gt: float | None = None,
-    ge: float | None = None,
-    le: float | None = None,
-    nonempty: bool = False,
-    check: Callable[[str], str | None] | None = None,
-    example: Any = None,
-) -> Any:
-    """Declare a config field with its help text and its check.
-
-    gt, ge and le bound a number. nonempty rejects "". check receives a validated string and
-    returns the problem ("expected ...") or None. example is shown in the fix of an error
-    message in place of the default.
-    """
-    metadata = {
-        "help": help,
-        "gt": gt,
-        "ge": ge,
-        "le": le,
-        "nonempty": nonempty,
-        "check": check,
-        "example": example,
-    }
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def _check_device(device: str) -> str | None:
-    if re.fullmatch(r"auto|cpu|mps|cuda(:[0-9]+)?", device):
-        return None
-    return "expected auto, cpu, cuda, cuda:N or mps"
-
-
-def _check_run_name(name: str) -> str | None:
-    if name in ("", ".", "..") or "/" in name or "\\" in name:
-        return "expected a folder name without slashes, or null"
-    return None
-
-
-def _show(value: Any) -> str:
-    """Format a value for an error message as YAML users read it, truncated to one short line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _is_optional(type_: Any) -> tuple[Any, bool]:
-    """Split ``X | None`` into (X, True), and any other type into (type_, False)."""
-    if typing.get_origin(type_) in (Union, types.UnionType):
-        args = [arg for arg in typing.get_args(type_) if arg is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return type_, False
-
-
-def _describe_bounds(meta: Mapping[str, Any]) -> str:
-    bounds = []
-    if meta.get("gt") is not None:
-        bounds.append(f"> {meta['gt']}")
-    if meta.get("ge") is not None:
-        bounds.append(f">= {meta['ge']}")
-    if meta.get("le") is not None:
-        bounds.append(f"<= {meta['le']}")
-    return " and ".join(bounds)
-
-
-def _type_error(key: str, expected: str, value: Any, fix: str | None = None) -> ConfigError:
-    message = f"{key}: expected {expected}, got {_show(value)}"
-    if fix:
-        message += f" ({fix})"
-    return ConfigError(message, key=key, value=value)
-
-
-def _to_number(value: Any, key: str, expected: str, fix: str) -> float:
-    """Convert an int, float or numeric string (YAML reads 1e-3 as a string) to a finite float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _type_error(key, expected, value, fix)
-    try:
-        number = float(value)
-    except (ValueError, OverflowError):
-        raise _type_error(key, expected, value, fix) from None
-    if not math.isfinite(number):
-        raise _type_error(key, expected, value, fix)
-    return number
-
-
-def _to_integer(value: Any, key: str, expected: str, fix: str) -> int:
-    """Convert an int, an integer-valued float or an integer string ("1e3" too) to an int."""
-    if isinstance(value, bool):
-        raise _type_error(key, expected, value, fix)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-    number = _to_number(value, key, expected, fix)
-    if not number.is_integer():
-        raise _type_error(key, expected, value, fix)
-    return int(number)
-
-
-_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
-_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
-
-
-def _to_bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE_WORDS:
-            return True
-        if word in _FALSE_WORDS:
-            return False
-    raise _type_error(key, "true or false", value)
-
-
-def _to_choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
-    """Match a string against a Literal's choices, ignoring case and surrounding spaces."""
-    expected = "one of " + ", ".join(repr(choice) for choice in choices)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in choices:
-            return word
-        close = difflib.get_close_matches(word, choices, n=1)
-        if close:
-            raise _type_error(key, expected, value, f"did you mean {close[0]!r}?")
-    raise _type_error(key, expected, value)
-
-
-def _to_text(value: Any, key: str) -> str:
-    # A number is read back as text: `target: 2022` means the text "2022". load_config and
-    # apply_overrides restore the text as written, so this only matters for Python dicts.
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise _type_error(key, "text", value, f"quote the value of {key}")
-
-
-def _to_token_ids(value: Any, key: str) -> list[int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise _type_error(key, "a non-empty list of token ids (integers >= 0)", value)
-    token_ids = []
-    for index, item in enumerate(value):
-        item_key = f"{key}[{index}]"
-        token_id = _to_integer(item, item_key, "an integer >= 0", "token ids are integers >= 0")
-        if token_id < 0:
-            raise _type_error(item_key, "an integer >= 0", item, "token ids are integers >= 0")
-        token_ids.append(token_id)
-    return token_ids
-
-
-def _check_bounds(
-    number: float, value: Any, key: str, expected: str, fix: str, meta: Mapping
-) -> None:
-    """Raise unless number is within the field's bounds; value is what the user wrote."""
-    too_low = (meta["gt"] is not None and not number > meta["gt"]) or (
-        meta["ge"] is not None and not number >= meta["ge"]
-    )
-    too_high = meta["le"] is not None and not number <= meta["le"]
-    if too_low or too_high:
-        raise _type_error(key, expected, number if isinstance(value, str) else value, fix)
-
-
-def _coerce(value: Any, type_: Any, key: str, meta: Mapping[str, Any], default: Any) -> Any:
-    """Validate one field value and return it in its canonical Python type.
-
-    Raises ConfigError naming ``key`` when the value has the wrong type or fails the check.
-    """
-    base, optional = _is_optional(type_)
-
-    # Sections: a mapping becomes the section object, and null means an empty section.
-    if isinstance(base, type) and issubclass(base, _Validated):
-        if isinstance(value, base):
-            value.validate()
-            return value
-        if value is None:
-            value = {}
-        return _section_from_mapping(base, value, key)
-
-    expected = _describe_type(base, meta) + (" or null" if optional else "")
-    example = meta["example"] if meta["example"] is not None else default
-    fix = f"set {key} to {_describe_type(base, meta)}, such as {_show(example)}"
-    if value is None:
-        if optional:
-            return None
-        raise _type_error(key, expected, value, 'use "" for empty text' if base is str else fix)
-
-    if base is float:
-        number = _to_number(value, key, expected, fix)
-        _check_bounds(number, value, key, expected, fix, meta)
-        return number
-    if base is int:
-        integer = _to_integer(value, key, expected, fix)
-        _check_bounds(integer, value, key, expected, fix, meta)
-        return integer
-    if base is bool:
-        return _to_bool(value, key)
-    if typing.get_origin(base) is Literal:
-        return _to_choice(value, key, typing.get_args(base))
-    if base is str:
-        text = _to_text(value, key)
-        if meta["nonempty"] and text == "":
-            fix = f"set {key} to null instead" if optional else None
-            raise _type_error(key, expected, text, fix)
-        problem = meta["check"](text) if meta["check"] else None
-        if problem:
-            raise _type_error(key, problem.removeprefix("expected "), text)
-        return text
-    if base == list[int]:
-        return _to_token_ids(value, key)
-    raise TypeError(f"config field {key} has an unsupported type {base!r}")
-
-
-def _describe_type(base: Any, meta: Mapping[str, Any]) -> str:
-    bounds = _describe_bounds(meta)
-    if base is float:
-        return f"a number {bounds}" if bounds else "a number"
-    if base is int:
-        return f"an integer {bounds}" if bounds else "an integer"
-    if base is bool:
-        return "true or false"
-    if typing.get_origin(base) is Literal:
-        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(base))
-    if base is str:
-        return "non-empty text" if meta["nonempty"] else "text"
-    return "a list of token ids (integers >= 0)"
-
-
-_TYPE_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    if cls not in _TYPE_HINTS:
-        _TYPE_HINTS[cls] = typing.get_type_hints(cls)
-    return _TYPE_HINTS[cls]
-
-
-def _field_default(field: dataclasses.Field) -> Any:
-    if field.default_factory is not dataclasses.MISSING:
-        return None
-    return field.default
-
-
-class _Validated:
-    """Base of the config dataclasses: validates and normalizes every field on creation."""
-
-    # Dotted prefix of this section's keys in error messages ("" for the top level).
-    _prefix: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Check every field, convert it to its canonical type, then run the cross-field checks.
-
-        Construction calls this. Call it again after changing a field in place.
-        Raises ConfigError naming the first invalid key.
-        """
-        types_by_name = _field_types(type(self))
-        for field in dataclasses.fields(self):
-            key = f"{self._prefix}.{field.name}" if self._prefix else field.name
-            value = _coerce(
-                getattr(self, field.name),
-                types_by_name[field.name],
-                key,
-                field.metadata,
-                _field_default(field),
-            )
-            setattr(self, field.name, value)
-        self._check_fields_together()
-
-    def _check_fields_together(self) -> None:
-        """Run the checks that involve several fields, after each field passed its own."""
 
 
 def _check_temperature_in_bounds(stgs: STGSConfig, key: str, value: float, reason: str) -> None:
@@ -491,6 +172,35 @@ class PromptConfig(_Validated):
     samples: int = _option(
         4, help="Gumbel samples drawn per step as one batch. The loss averages over them.", ge=1
     )
+    chat: ChatRole = _option(
+        "none",
+        help="Wrap [prefix][prompt][suffix] in the tokenizer's chat template, so the output is "
+        "scored as the assistant's reply: none, system (as the system message) or user (as the "
+        "user message).",
+    )
+    chat_message: str = _option(
+        "", help="With chat: system, the user message that follows the system message."
+    )
+    constraints: list[dict[str, Any]] = _option(
+        help="Per-position limits: {position: N, text: ...} fixes positions from N to the tokens "
+        "of the text, {position: N, tokens: [...]} allows only those single-token texts, and "
+        "{position: N, chars: CLASS} only tokens made of one character class (alpha, digit, "
+        "alnum, upper, lower, space or ascii; one leading space allowed).",
+        factory=list,
+        convert=to_constraints,
+        expected="a list of mappings",
+    )
+    banned: list[str] = _option(
+        help="Texts the prompt's tokens must not contain: every token whose decoded text "
+        "contains one of them (case and spaces as written) is removed from the vocabulary, on "
+        "top of vocab_mask.",
+        factory=list,
+        convert=to_word_list,
+        expected="a list of non-empty texts",
+    )
+    banned_ids: list[int] | None = _option(
+        None, help="Token ids the prompt must not use, on top of vocab_mask and banned.", example=[42, 7]
+    )
 
 
 @dataclass
@@ -556,7 +266,7 @@ class STGSConfig(_Validated):
 
 @dataclass
 class ObjectiveConfig(_Validated):
-    """Task that the optimized prompt must make the model perform."""
+    """The target term: text that the model must produce right after the prompt."""
 
     _prefix: ClassVar[str] = "objective"
 
@@ -566,7 +276,8 @@ class ObjectiveConfig(_Validated):
     )
     target: str | None = _option(
         None,
-        help="Text the model must produce after the prompt, required unless target_ids is set.",
+        help="Text the model must produce after the prompt. A run needs a target, target_ids, "
+        "keywords or task examples.",
         nonempty=True,
     )
     target_ids: list[int] | None = _option(
@@ -577,15 +288,15 @@ class ObjectiveConfig(_Validated):
         help="How the target is scored: teacher_forcing (the target tokens are fed in) or "
         "generation (differentiable free-running generation).",
     )
-
-    def _check_fields_together(self) -> None:
-        if self.type == "target" and self.target is None and self.target_ids is None:
-            raise ConfigError(
-                "objective.target: missing (set objective.target to the text the model must "
-                "produce, or objective.target_ids to its token ids)",
-                key="objective.target",
-                related_keys=("objective.target_ids",),
-            )
+    loss: TargetLoss = _option(
+        "cross_entropy",
+        help="Loss on each target token: cross_entropy, or margin (a hinge that is 0 once the "
+        "target token's logit beats every other token's logit by objective.margin).",
+    )
+    margin: float = _option(
+        1.0, help="Logit gap that the margin loss asks of each target token.", ge=0
+    )
+    weight: float = _option(1.0, help="Weight of the target term in the loss.", ge=0)
 
 
 @dataclass
@@ -648,6 +359,10 @@ class Config(_Validated):
     prompt: PromptConfig = _option(help=PromptConfig.__doc__, factory=PromptConfig)
     stgs: STGSConfig = _option(help=STGSConfig.__doc__, factory=STGSConfig)
     objective: ObjectiveConfig = _option(help=ObjectiveConfig.__doc__, factory=ObjectiveConfig)
+    fluency: FluencyConfig = _option(help=FluencyConfig.__doc__, factory=FluencyConfig)
+    entropy: EntropyConfig = _option(help=EntropyConfig.__doc__, factory=EntropyConfig)
+    keywords: KeywordsConfig = _option(help=KeywordsConfig.__doc__, factory=KeywordsConfig)
+    task: TaskConfig = _option(help=TaskConfig.__doc__, factory=TaskConfig)
     optimizer: OptimizerConfig = _option(help=OptimizerConfig.__doc__, factory=OptimizerConfig)
     eval: EvalConfig = _option(help=EvalConfig.__doc__, factory=EvalConfig)
     seed: int = _option(
@@ -667,6 +382,32 @@ class Config(_Validated):
     )
 
     def _check_fields_together(self) -> None:
+        objective = self.objective
+        has_target = objective.target is not None or objective.target_ids is not None
+        has_keywords = bool(self.keywords.require or self.keywords.avoid)
+        has_task = bool(self.task.examples) or self.task.path is not None
+        if not (has_target or has_keywords or has_task):
+            raise ConfigError(
+                "objective.target: missing (set objective.target to the text the model must "
+                "produce, or objective.target_ids to its token ids, or give keywords.require, "
+                "keywords.avoid or task examples)",
+                key="objective.target",
+                related_keys=("objective.target_ids",),
+            )
+        if has_task and self.prompt.chat != "none":
+            raise ConfigError(
+                f"prompt.chat: {self.prompt.chat!r} is not supported with task examples (set "
+                "prompt.chat to none and write the chat markup into task.template)",
+                key="prompt.chat",
+                value=self.prompt.chat,
+            )
+        if self.prompt.chat_message and self.prompt.chat != "system":
+            raise ConfigError(
+                "prompt.chat_message: only used with prompt.chat: system (set prompt.chat to "
+                "system, or put the text into prompt.suffix)",
+                key="prompt.chat_message",
+                value=self.prompt.chat_message,
+            )
         stgs = self.stgs
         if self.optimizer.temperature_schedule == "constant":
             return
@@ -684,6 +425,10 @@ _SECTIONS: dict[str, type[_Validated]] = {
     "prompt": PromptConfig,
     "stgs": STGSConfig,
     "objective": ObjectiveConfig,
+    "fluency": FluencyConfig,
+    "entropy": EntropyConfig,
+    "keywords": KeywordsConfig,
+    "task": TaskConfig,
     "optimizer": OptimizerConfig,
     "eval": EvalConfig,
 }
@@ -739,6 +484,10 @@ def _section_from_mapping(cls: type[_Validated], data: Any, section: str) -> _Va
     return cls(**data)
 
 
+# Config builds its sections from mappings with this function, which knows every section.
+Config._build_section = staticmethod(_section_from_mapping)
+
+
 def _top_level_error(data: Any) -> ConfigError:
     return ConfigError(
         f"expected a mapping of sections such as 'model:' and 'objective:' at the top level, "
@@ -773,8 +522,10 @@ def _resolve_model_spec(spec: str, base_dir: Path) -> str:
 
 
 def _parent_keys(key: str) -> list[str]:
-    """List a key and its parents, nearest first: "a.b[2]" gives "a.b[2]", "a.b", "a"."""
+    """List a key and its parents, nearest first: "a.b[2].c" gives "a.b[2].c", "a.b[2]", "a.b", "a"."""
     keys = [key]
+    if "]" in key and not key.endswith("]"):
+        keys.append(key[: key.index("]") + 1])  # the list item that contains the key
     base = key.split("[", 1)[0]
     if base != key:
         keys.append(base)
@@ -853,6 +604,8 @@ def config_from_dict(
         base_dir = Path(base_dir)
         config.output_dir = _resolve_path(config.output_dir, base_dir)
         config.model.spec = _resolve_model_spec(config.model.spec, base_dir)
+        if config.task.path is not None:
+            config.task.path = _resolve_path(config.task.path, base_dir)
     return config
 
 
@@ -1216,7 +969,10 @@ def _default_values() -> dict[str, Any]:
     for field in dataclasses.fields(Config):
         if field.name in _SECTIONS:
             section_fields = dataclasses.fields(_SECTIONS[field.name])
-            values[field.name] = {f.name: f.default for f in section_fields}
+            values[field.name] = {
+                f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in section_fields
+            }
         else:
             values[field.name] = field.default
     return values

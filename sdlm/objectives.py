@@ -21,6 +21,7 @@ from sdlm.stgs_diff_model import STGSDiffModel
 logger = logging.getLogger("sdlm")
 
 TargetMode = Literal["teacher_forcing", "generation"]
+TokenLoss = Literal["cross_entropy", "margin"]
 
 
 @dataclass
@@ -32,15 +33,21 @@ class LossOutput:
     per_sample: torch.Tensor
     solved: torch.Tensor | None = None
     accuracy: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class CheckResult:
     """The discrete check of one prompt.
 
-    success: greedy generation from the prompt ids reproduces the target exactly.
+    success: greedy generation from the prompt ids reproduces the target exactly (for a
+    composite objective: every term's check passes).
+    token_accuracy, lcs_ratio: closeness of the output to the target, in [0, 1]; terms without
+    a target report their own score in [0, 1] as token_accuracy.
     text_ids_same: decode -> re-encode of the whole input gives the same ids back.
     text_success: the check passes on the re-encoded text too (what a user who pastes it gets).
+    metrics: extra numbers, such as "prompt_perplexity" and "<term>.<name>" of each term.
+    terms: term name -> whether that term's check passed.
     """
 
     success: bool
@@ -53,6 +60,24 @@ class CheckResult:
     text_ids_same: bool
     text_success: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, bool] = field(default_factory=dict)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, loss: TokenLoss = "cross_entropy", margin: float = 1.0) -> torch.Tensor:
+    """Loss (N, T) of each target token given its logits (N, T, V) and ids (N, T).
+
+    cross_entropy: -log softmax(logits)[target]. margin: the hinge
+    max(0, margin - (logit[target] - max over other tokens of logit)), which is 0 once the
+    target beats every other token by `margin`, so the greedy argmax is the target.
+    """
+    N, T, V = logits.shape
+    if loss == "cross_entropy":
+        return F.cross_entropy(logits.reshape(N * T, V), targets.reshape(-1), reduction="none").view(N, T)
+    if loss == "margin":
+        target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
+        others = logits.scatter(-1, targets.unsqueeze(-1), float("-inf"))
+        return F.relu(margin - (target_logits - others.max(-1).values))
+    raise ValueError(f"loss must be cross_entropy or margin, got {loss!r}")
 
 
 class TargetObjective:
@@ -60,10 +85,11 @@ class TargetObjective:
 
     mode "teacher_forcing" scores the target tokens given the sampled prompt in one forward
     pass; mode "generation" generates T tokens free-running through STGS and scores each
-    generated position against the target.
+    generated position against the target. loss "cross_entropy" or "margin" (see token_losses).
     """
 
     name = "target"
+    primary = True
 
     def __init__(
         self,
@@ -73,12 +99,17 @@ class TargetObjective:
         prefix: str = "",
         suffix: str = "",
         mode: TargetMode = "teacher_forcing",
+        loss: TokenLoss = "cross_entropy",
+        margin: float = 1.0,
     ) -> None:
         if not target_ids:
             raise ValueError("the target is empty: give a non-empty target text or target_ids")
         if mode not in ("teacher_forcing", "generation"):
             raise ValueError(f"mode must be teacher_forcing or generation, got {mode!r}")
+        if loss not in ("cross_entropy", "margin"):
+            raise ValueError(f"loss must be cross_entropy or margin, got {loss!r}")
         self.model = model
+        self.loss_type, self.margin = loss, float(margin)
         self.mode = mode
         self.prefix, self.suffix = prefix, suffix
         self.prefix_ids = model.encode(prefix)  # (1, P)
@@ -108,7 +139,7 @@ class TargetObjective:
         return self.target_ids.shape[1]
 
     def loss(self, prompt_y: torch.Tensor) -> LossOutput:
-        """Score prompt samples prompt_y (S, L, V); returns a per-sample mean cross-entropy."""
+        """Score prompt samples prompt_y (S, L, V); returns the per-sample mean token loss."""
         S = prompt_y.shape[0]
         T = self.target_length
         targets = self.target_ids.expand(S, -1)  # (S, T)
@@ -119,9 +150,9 @@ class TargetObjective:
         else:
             out = self.model.generate(parts=[self.prefix_ids, prompt_y, self.suffix_ids], max_new_tokens=T)
             logits = out.logits  # (S, T, V)
-        token_losses = F.cross_entropy(logits.reshape(S * T, -1), targets.reshape(-1), reduction="none").view(S, T)
+        losses = token_losses(logits, targets, self.loss_type, self.margin)  # (S, T)
         hits = logits.detach().argmax(-1) == targets  # (S, T)
-        return LossOutput(per_sample=token_losses.mean(-1), solved=hits.all(-1), accuracy=hits.float().mean(-1))
+        return LossOutput(per_sample=losses.mean(-1), solved=hits.all(-1), accuracy=hits.float().mean(-1))
 
     @torch.no_grad()
     def check(self, prompt_ids: list[int]) -> CheckResult:

@@ -18,13 +18,19 @@ from typing import Callable, Literal
 
 import torch
 
+from sdlm.chat import chat_frame
 from sdlm.checkpoint import Checkpoint, LoopState, restore_checkpoint, save_checkpoint
 from sdlm.config import Config, ConfigError
+from sdlm.constraints import position_mask
 from sdlm.objectives import CheckResult, TargetObjective
+from sdlm.objectives_composite import CompositeObjective, Term
+from sdlm.objectives_keywords import KeywordsTerm
+from sdlm.objectives_prompt import EntropyTerm, FluencyTerm
+from sdlm.objectives_task import TaskTerm
 from sdlm.runs import RunDirectory
 from sdlm.stgs import STGS
 from sdlm.stgs_diff_model import STGSDiffModel
-from sdlm.stgs_diff_string import STGSDiffString
+from sdlm.stgs_diff_string import STGSDiffString, banned_token_mask, build_vocab_mask
 
 StopReason = Literal["success", "max_steps", "interrupted", "non_finite"]
 
@@ -37,6 +43,9 @@ MAX_CHECKS_PER_STEP = 2
 
 @dataclass
 class RunStarted:
+    """The start of a run. target_text and target_ids are empty when no target term is on;
+    terms names every term of the objective."""
+
     kind = "start"
     model: str
     device: str
@@ -46,12 +55,14 @@ class RunStarted:
     steps: int
     samples: int
     run_dir: str | None
+    terms: list[str] = field(default_factory=list)
 
 
 @dataclass
 class StepEvent:
     """One optimizer step. loss: mean over samples; best_sample_loss: min over samples;
-    accuracy: best teacher-forced token accuracy among samples (None in generation mode)."""
+    accuracy: best teacher-forced token accuracy among samples (None in generation mode);
+    terms: each scored term's unweighted loss, mean over samples."""
 
     kind = "step"
     step: int
@@ -63,6 +74,7 @@ class StepEvent:
     prompt_text: str
     elapsed: float
     skipped: bool = False
+    terms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,9 +102,14 @@ class OptimizeResult:
     string: STGSDiffString | None = field(default=None, repr=False)
     # Why the run stopped early, with the setting to change (reason "non_finite"), else None.
     message: str | None = None
+    report: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        """Plain data for JSON: everything but the loss history and the string."""
+        """Plain data for JSON: everything but the loss history and the string.
+
+        report: per-term results on the initial and the best prompt, such as the task's
+        accuracy on its training and held-out examples before and after the run.
+        """
         return {
             "success": self.success,
             "reason": self.reason,
@@ -102,6 +119,7 @@ class OptimizeResult:
             "best": asdict(self.best),
             "run_dir": self.run_dir,
             "message": self.message,
+            "report": self.report,
         }
 
 
@@ -155,19 +173,27 @@ def build_prompt(config: Config, model: STGSDiffModel, generator: torch.Generato
         noise_scale=s.noise_scale,
         embedding_weight=model.embedding_weight,
     )
+    vocab_mask = p.vocab_mask
+    if p.banned or p.banned_ids:
+        allowed = build_vocab_mask(model.tokenizer, p.vocab_mask, model.vocab_size)
+        vocab_mask = allowed & ~banned_token_mask(model.tokenizer, model.vocab_size, p.banned, p.banned_ids or ())
+        if not vocab_mask.any():
+            raise ValueError("prompt.banned and prompt.banned_ids leave no token to use; ban fewer")
     if p.init_text:
         length = len(model.tokenizer.encode(p.init_text, add_special_tokens=False))
         if s.learnable_temperature == "per_position":
             stgs = STGS(**{**_stgs_kwargs(stgs), "length": length})
         string = STGSDiffString(
             model.tokenizer, init_text=p.init_text, init_scale=p.init_scale,
-            vocab_size=model.vocab_size, vocab_mask=p.vocab_mask, stgs=stgs,
+            vocab_size=model.vocab_size, vocab_mask=vocab_mask, stgs=stgs,
         )
     else:
         string = STGSDiffString(
             model.tokenizer, length=p.length, init_scale=p.init_scale, vocab_size=model.vocab_size,
-            vocab_mask=p.vocab_mask, stgs=stgs, generator=generator,
+            vocab_mask=vocab_mask, stgs=stgs, generator=generator,
         )
+    if p.constraints:
+        string.constrain(position_mask(model.tokenizer, string.length, model.vocab_size, p.constraints))
     return string.to(model.device)
 
 
@@ -180,12 +206,33 @@ def _stgs_kwargs(stgs: STGS) -> dict:
     )
 
 
-def build_objective(config: Config, model: STGSDiffModel) -> TargetObjective:
+def build_objective(config: Config, model: STGSDiffModel, string: STGSDiffString | None = None) -> CompositeObjective:
+    """The weighted terms that config turns on; `string` is needed only by the entropy term."""
     o, p = config.objective, config.prompt
-    kwargs = dict(prefix=p.prefix, suffix=p.suffix, mode=o.mode)
-    if o.target_ids:
-        return TargetObjective(model, list(o.target_ids), **kwargs)
-    return TargetObjective.from_text(model, o.target, **kwargs)
+    prefix, suffix = chat_frame(model.tokenizer, p.chat, p.prefix, p.suffix, p.chat_message)
+    terms: list[tuple[float, Term]] = []
+    if o.target is not None or o.target_ids is not None:
+        kwargs = dict(prefix=prefix, suffix=suffix, mode=o.mode, loss=o.loss, margin=o.margin)
+        if o.target_ids:
+            target = TargetObjective(model, list(o.target_ids), **kwargs)
+        else:
+            target = TargetObjective.from_text(model, o.target, **kwargs)
+        terms.append((o.weight, target))
+    k = config.keywords
+    if k.require or k.avoid:
+        terms.append((k.weight, KeywordsTerm(
+            model, require=k.require, avoid=k.avoid, prefix=prefix, suffix=suffix,
+            max_new_tokens=k.max_new_tokens, case_sensitive=k.case_sensitive,
+        )))
+    if config.task.examples or config.task.path is not None:
+        terms.append((config.task.weight, TaskTerm.from_config(model, config.task, seed=config.seed, margin=o.margin)))
+    if config.fluency.weight > 0 or config.fluency.max_perplexity is not None:
+        terms.append((config.fluency.weight, FluencyTerm(model, prefix=prefix, max_perplexity=config.fluency.max_perplexity)))
+    if config.entropy.weight != 0:
+        if string is None:
+            raise ValueError("the entropy term needs the learnable string: pass string=")
+        terms.append((config.entropy.weight, EntropyTerm(string)))
+    return CompositeObjective(model, terms, prefix=prefix)
 
 
 def load_diff_model(config: Config) -> STGSDiffModel:
@@ -234,11 +281,14 @@ def check_prompt_length(config: Config, model: STGSDiffModel) -> None:
         )
 
 
-def check_fits_model(config: Config, model: STGSDiffModel, objective: TargetObjective, string: STGSDiffString) -> None:
+def check_fits_model(config: Config, model: STGSDiffModel, objective: CompositeObjective, string: STGSDiffString) -> None:
     """Raise ConfigError when the target ids lie outside the vocabulary, or when prefix, prompt,
     suffix and target together exceed the model's context (`check_prompt_length` has already
     checked the prompt without the target)."""
-    target_ids = objective.target_ids[0].tolist()
+    target = objective.target
+    if target is None:
+        return
+    target_ids = target.target_ids[0].tolist()
     target_key = "objective.target_ids" if config.objective.target_ids else "objective.target"
     for index, token_id in enumerate(target_ids):
         if token_id >= model.vocab_size:
@@ -252,7 +302,7 @@ def check_fits_model(config: Config, model: STGSDiffModel, objective: TargetObje
     if context is None:
         return
     prompt_key = "prompt.init_text" if config.prompt.init_text else "prompt.length"
-    fixed = objective.prefix_ids.shape[1] + objective.suffix_ids.shape[1]
+    fixed = target.prefix_ids.shape[1] + target.suffix_ids.shape[1]
     prompt_length, target_length = string.length, len(target_ids)
     if prompt_length + fixed + target_length > context:
         raise ConfigError(
@@ -344,7 +394,8 @@ def optimize(
     generator = torch.Generator(device=model.device).manual_seed(config.seed)
     check_prompt_length(config, model)
     string = build_prompt(config, model, generator)
-    objective = build_objective(config, model)
+    initial_ids = string.ids.tolist()  # before a checkpoint replaces the logits
+    objective = build_objective(config, model, string)
     check_fits_model(config, model, objective, string)
     params = list(string.parameters())
     optimizer = build_optimizer(config.optimizer.name, params, config.optimizer.lr)
@@ -357,7 +408,7 @@ def optimize(
     emit(RunStarted(
         model=config.model.spec, device=str(model.device), target_text=objective.target_text,
         target_ids=objective.target_ids[0].tolist(), prompt_length=string.length, steps=opt.steps,
-        samples=config.prompt.samples, run_dir=str(run.path) if run else None,
+        samples=config.prompt.samples, run_dir=str(run.path) if run else None, terms=objective.names,
     ))
 
     start = time.perf_counter() - state.seconds
@@ -422,6 +473,7 @@ def optimize(
             accuracy=None if scored.accuracy is None else float(scored.accuracy.max()),
             temperature=tau, prompt_text=string.text, elapsed=time.perf_counter() - start,
             skipped=non_finite is not None,
+            terms={name: float(value.mean()) for name, value in scored.terms.items()},
         )
         if run:
             run.append_metrics({k: v for k, v in asdict(event).items() if k != "prompt_text"})
@@ -474,6 +526,7 @@ def optimize(
         success=best.success, reason=reason if reason != "max_steps" or not best.success else "success",
         steps=step, seconds=time.perf_counter() - start, best=best, best_step=best_step,
         loss_history=history, run_dir=str(run.path) if run else None, string=string, message=message,
+        report=objective.report(initial_ids, best.prompt_ids),
     )
     if run:
         run.write_summary(result.summary())

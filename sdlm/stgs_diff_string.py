@@ -78,6 +78,25 @@ def build_vocab_mask(tokenizer, kind: VocabMask | Sequence[int] | torch.Tensor, 
     return mask
 
 
+def banned_token_mask(tokenizer, vocab_size: int, texts: Sequence[str] = (), ids: Sequence[int] = ()) -> torch.Tensor:
+    """Return a (V,) bool mask, True for each token in `ids` or whose decoded text contains one of `texts`.
+
+    NOTE: this bans single tokens only, so a prompt can still spell a banned text across tokens.
+    """
+    banned = torch.zeros(vocab_size, dtype=torch.bool)
+    ids = list(ids)
+    if ids:
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise ValueError(f"banned token ids must lie in [0, {vocab_size}), got {ids!r}")
+        banned[torch.as_tensor(ids, dtype=torch.long)] = True
+    if texts:
+        size = min(len(tokenizer), vocab_size)
+        for token_id, text in enumerate(_decoded_tokens(tokenizer, size)):
+            if any(t in text for t in texts):
+                banned[token_id] = True
+    return banned
+
+
 def _decoded_tokens(tokenizer, size: int) -> list[str]:
     return _decoded_tokens_cached(tokenizer, size)
 
@@ -122,6 +141,8 @@ class STGSDiffString(nn.Module):
         if not self.vocab_mask.any():
             raise ValueError(f"vocab_mask {vocab_mask!r} allows no token")
         self.stgs = stgs if stgs is not None else STGS()
+        # Optional (L, V) bool mask of per-position constraints, combined with vocab_mask.
+        self.register_buffer("position_mask", None)
 
         if init_text is not None:
             init_ids = tokenizer.encode(init_text, add_special_tokens=False)
@@ -169,12 +190,38 @@ class STGSDiffString(nn.Module):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         logits = self.logits.expand(n, -1, -1)  # (1, L, V) -> (n, L, V), no copy
-        return self.stgs(logits, hidden_states=hidden_states, mask=self.vocab_mask, generator=generator, **overrides)
+        return self.stgs(logits, hidden_states=hidden_states, mask=self.allowed_mask, generator=generator, **overrides)
+
+    @property
+    def allowed_mask(self) -> torch.Tensor:
+        """The tokens each position may use: vocab_mask (V,), or with position constraints (L, V)."""
+        if self.position_mask is None:
+            return self.vocab_mask
+        return self.vocab_mask & self.position_mask
+
+    def constrain(self, position_mask: torch.Tensor | None) -> None:
+        """Limit each position to the tokens allowed in position_mask (L, V), or lift limits with None.
+
+        Raises ValueError when the shape is wrong or a position is left with no allowed token.
+        """
+        if position_mask is None:
+            self.position_mask = None
+            return
+        if tuple(position_mask.shape) != (self.length, self.vocab_size) or position_mask.dtype != torch.bool:
+            raise ValueError(
+                f"a position mask must be bool with shape ({self.length}, {self.vocab_size}), "
+                f"got {position_mask.dtype} {tuple(position_mask.shape)}"
+            )
+        position_mask = position_mask.to(self.vocab_mask.device)
+        empty = (~(position_mask & self.vocab_mask).any(-1)).nonzero().view(-1).tolist()
+        if empty:
+            raise ValueError(f"positions {empty} have no token allowed by both the constraints and vocab_mask")
+        self.position_mask = position_mask.clone()
 
     @property
     def ids(self) -> torch.Tensor:
         """The most likely allowed token at each position, (L,)."""
-        masked = self.logits.detach()[0].masked_fill(~self.vocab_mask, float("-inf"))
+        masked = self.logits.detach()[0].masked_fill(~self.allowed_mask, float("-inf"))
         return masked.argmax(dim=-1)
 
     @property
@@ -224,6 +271,8 @@ class STGSDiffString(nn.Module):
             self.insert(self.length, length - self.length)
 
     def _set_logits(self, logits: torch.Tensor) -> None:
+        if self.position_mask is not None:
+            raise ValueError("length changes are not supported with per-position constraints; call constrain(None) first")
         if self.stgs.learnable_temperature == "per_position":
             raise ValueError("length changes are not supported with a per-position learnable temperature")
         # NOTE: a new Parameter object: an optimizer holding the old one must be rebuilt.
@@ -235,6 +284,8 @@ class STGSDiffString(nn.Module):
         """Write `path` (safetensors: logits, mask, STGS state) and `path` + ".json" (metadata)."""
         path = Path(path)
         tensors = {"logits": self.logits.detach().cpu().contiguous(), "vocab_mask": self.vocab_mask.cpu()}
+        if self.position_mask is not None:
+            tensors["position_mask"] = self.position_mask.cpu().contiguous()
         for name, value in self.stgs.state_dict().items():
             tensors[f"stgs.{name}"] = value.detach().cpu().contiguous()
         metadata = {
@@ -278,6 +329,8 @@ class STGSDiffString(nn.Module):
         with torch.no_grad():
             string.logits.copy_(tensors["logits"])
         stgs.load_state_dict({k.removeprefix("stgs."): v for k, v in tensors.items() if k.startswith("stgs.")})
+        if "position_mask" in tensors:
+            string.constrain(tensors["position_mask"])
         return string
 
 

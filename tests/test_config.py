@@ -20,12 +20,16 @@ from sdlm.config import (
     TEMPLATES,
     Config,
     ConfigError,
+    EntropyConfig,
     EvalConfig,
+    FluencyConfig,
+    KeywordsConfig,
     ModelConfig,
     ObjectiveConfig,
     OptimizerConfig,
     PromptConfig,
     STGSConfig,
+    TaskConfig,
     apply_overrides,
     config_from_dict,
     config_from_yaml,
@@ -41,6 +45,10 @@ SECTIONS = {
     "prompt": PromptConfig,
     "stgs": STGSConfig,
     "objective": ObjectiveConfig,
+    "fluency": FluencyConfig,
+    "entropy": EntropyConfig,
+    "keywords": KeywordsConfig,
+    "task": TaskConfig,
     "optimizer": OptimizerConfig,
     "eval": EvalConfig,
 }
@@ -400,6 +408,15 @@ def test_every_float_field_is_float(tmp_path):
         "optimizer.lr": "1",
         "optimizer.grad_clip": "5e0",
         "optimizer.final_temperature": "1",
+        "objective.margin": "2",
+        "objective.weight": "1",
+        "fluency.weight": "0",
+        "fluency.max_perplexity": "100",
+        "entropy.weight": "1",
+        "keywords.weight": "1",
+        "task.weight": "1",
+        "task.heldout": "0",
+        "task.min_accuracy": "1",
     }
     float_keys = {
         f"{section}.{field.name}"
@@ -409,7 +426,10 @@ def test_every_float_field_is_float(tmp_path):
     }
     assert set(written) == float_keys
     lines = [BASE_YAML.rstrip("\n")]
-    for section in ("prompt", "stgs", "optimizer"):
+    lines = ["objective:"]
+    lines += [f"  {key.split('.')[1]}: {text}" for key, text in written.items() if key.startswith("objective.")]
+    lines.append("  target: hello")
+    for section in ("prompt", "stgs", "optimizer", "fluency", "entropy", "keywords", "task"):
         lines.append(f"{section}:")
         lines += [f"  {key.split('.')[1]}: {text}" for key, text in written.items() if key.startswith(section)]
     config = load_config(write_config(tmp_path, "\n".join(lines) + "\n"))

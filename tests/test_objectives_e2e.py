@@ -1,0 +1,66 @@
+"""End-to-end runs of the objective starter configs on the embedded model (marked slow).
+
+Each test runs a config from configs/ as shipped, or with fewer steps where the test checks
+the run's plumbing rather than its success. Times are in each config's header comment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdlm.config import load_config
+from sdlm.optimize import load_diff_model, optimize
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_diff_model(load_config(CONFIGS / "margin.yaml"))
+
+
+def run(name: str, model, overrides=()):
+    config = load_config(CONFIGS / name, overrides)
+    return optimize(config, model=model)
+
+
+@pytest.mark.parametrize("name", ["margin.yaml", "entropy.yaml"])
+def test_target_configs_succeed(embedded, name):
+    result = run(name, embedded)
+
+    assert result.success
+    assert result.best.terms["target"]
+    assert result.best.metrics["prompt_perplexity"] > 1
+
+
+def test_fluency_config_scores_prompt_loss(embedded):
+    result = run("fluency.yaml", embedded, ["optimizer.steps=3"])
+
+    assert "fluency.perplexity" in result.best.metrics
+    assert result.best.terms.keys() == {"target", "fluency"}
+
+
+def test_keywords_config_succeeds(embedded):
+    result = run("keywords.yaml", embedded)
+
+    assert result.success
+    assert "France" in result.best.output_text
+    assert "Germany" not in result.best.output_text
+
+
+def test_task_config_reports_accuracy(embedded):
+    # Ten steps keep the test short; the initial prompt is checked at step 5, so the best
+    # prompt's training accuracy is at least the initial one.
+    result = run("task_capitals.yaml", embedded, ["optimizer.steps=10"])
+
+    report = result.summary()["report"]["task"]
+    assert report["train_examples"] == 12
+    assert report["heldout_examples"] == 4
+    assert report["train_accuracy_before"] == pytest.approx(10 / 12)
+    assert report["train_accuracy_after"] >= report["train_accuracy_before"]
+    assert report["heldout_accuracy_before"] is not None
+    assert report["heldout_accuracy_after"] is not None
