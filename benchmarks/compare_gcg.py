@@ -146,7 +146,7 @@ def main() -> None:
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.WARNING)
-    from sdlm.bench import load_base_config, load_targets, machine_info, run_bench, write_report
+    from sdlm.bench import TargetFinished, load_base_config, load_targets, machine_info, run_bench, write_report
     from sdlm.optimize import load_diff_model
 
     config = load_base_config(args.config, args.set)
@@ -156,20 +156,29 @@ def main() -> None:
     if len(prompt_lengths) != 1:
         raise SystemExit(f"targets have different prompt lengths {sorted(prompt_lengths)}; compare one length at a time")
 
-    reports = []
-    for method in args.methods.split(","):
-        if method == "sdlm":
-            reports.append(run_bench(config, targets, max_steps=args.max_steps, max_seconds=args.max_seconds,
-                                     model=dm, on_event=print_event))
-        elif method == "gcg":
-            reports.append(run_gcg_bench(dm, targets, prompt_length=next(iter(prompt_lengths)),
-                                         max_seconds=args.max_seconds, max_steps=args.max_steps,
-                                         search_width=args.search_width, topk=args.topk, seed=config.seed,
-                                         on_event=print_event))
-        else:
+    # Interleave the methods target by target, so load from other processes on a shared
+    # machine falls on both alike. The report is rewritten after each target.
+    from sdlm.bench import MethodReport
+
+    methods = args.methods.split(",")
+    for method in methods:
+        if method not in ("sdlm", "gcg"):
             raise SystemExit(f"unknown method {method!r}; use sdlm and/or gcg")
+    reports = {method: MethodReport(method=method, settings={}, results=[]) for method in methods}
     meta = machine_info() | {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "targets_file": args.targets}
-    paths = write_report(reports, args.output, meta)
+    for index, target in enumerate(targets):
+        for method in methods:
+            if method == "sdlm":
+                part = run_bench(config, [target], max_steps=args.max_steps, max_seconds=args.max_seconds, model=dm)
+            else:
+                part = run_gcg_bench(dm, [target], prompt_length=next(iter(prompt_lengths)), max_seconds=args.max_seconds,
+                                     max_steps=args.max_steps, search_width=args.search_width, topk=args.topk,
+                                     seed=config.seed)
+            print_event(TargetFinished(method=method, index=index, total=len(targets), result=part.results[0]))
+            report = reports[method]
+            report.settings, report.peak_memory_mb = part.settings, part.peak_memory_mb
+            report.results.extend(part.results)
+        paths = write_report(list(reports.values()), args.output, meta | {"targets_done": index + 1})
     print(Path(paths["markdown"]).read_text())
 
 

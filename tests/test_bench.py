@@ -221,3 +221,64 @@ def test_write_report_without_matplotlib(tmp_path, monkeypatch, caplog):
     assert "plot" not in paths
     assert not (tmp_path / "solved_vs_seconds.png").exists()
     assert "matplotlib is not installed" in caplog.text
+
+
+# -- the CLI command ---------------------------------------------------------------------
+
+
+@pytest.fixture()
+def cli_model(monkeypatch, tiny_dm):
+    import sdlm.optimize
+
+    monkeypatch.setattr(sdlm.optimize, "load_diff_model", lambda config: tiny_dm)
+    return tiny_dm
+
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from sdlm.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_bench_writes_results(tmp_path, cli_model):
+    prompt_ids = cli_model.tokenizer.encode("hello world")
+    reachable = greedy_generate(cli_model, prompt_ids, 3)
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text(json.dumps({"id": "r", "target_ids": reachable}) + "\n" + json.dumps("The end.") + "\n")
+    config = tmp_path / "base.yaml"
+    config.write_text("prompt:\n  init_text: hello world\n  init_scale: 20\n  samples: 2\neval:\n  every: 1\n")
+    out = tmp_path / "out"
+    result = _invoke("bench", targets, "--config", config, "--max-steps", 2, "--output", out)
+    assert result.exit_code in (0, 1), result.output
+    assert "| sdlm |" in result.stdout
+    assert "[sdlm] 1/2 r: solved" in result.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert [r["target_id"] for r in data["methods"][0]["results"]] == ["r", "line_2"]
+    assert data["methods"][0]["results"][0]["success"] is True
+    assert data["meta"]["cores"] >= 1
+    assert (out / "results.md").exists()
+
+
+def test_cli_bench_limit_and_all_solved_exit_code(tmp_path, cli_model):
+    reachable = greedy_generate(cli_model, cli_model.tokenizer.encode("hello world"), 3)
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text(json.dumps({"target_ids": reachable}) + "\n" + json.dumps("never reached") + "\n")
+    overrides = ["--set", "prompt.init_text=hello world", "--set", "prompt.init_scale=20", "--set", "eval.every=1"]
+    result = _invoke("bench", targets, *overrides, "--limit", 1, "--max-steps", 2, "--output", tmp_path / "o", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("results written to")
+    assert "[sdlm]" not in result.stderr
+
+
+def test_cli_bench_bad_targets_file(tmp_path, cli_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    result = _invoke("bench", bad)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ")
+    assert "line 1 is not valid JSON" in result.stderr
+    missing = _invoke("bench", tmp_path / "missing.json")
+    assert missing.exit_code == 2
+    assert "not found" in missing.stderr
