@@ -24,7 +24,7 @@ import time
 
 
 def time_load(cache_dir: str | None) -> float:
-    """Seconds for load_model("smollm2") in a fresh interpreter (so nothing is reused in memory)."""
+    """Time load_model("smollm2") in a fresh interpreter, so nothing is reused from memory."""
     env = dict(os.environ)
     if cache_dir is not None:
         env["SDLM_CACHE_DIR"] = cache_dir

@@ -5,10 +5,11 @@ progress goes to `on_event` as the dataclasses below. `write_report` writes the 
 JSON, a markdown table and, when matplotlib is installed, a PNG of the fraction of targets
 solved against wall-clock seconds.
 
-Targets come from `load_targets(path)`: a JSON file of inversion samples (an object with a
-"samples" list whose items have "target_tokens" and optionally "id", "target_text" and
-"prompt_tokens"), or a JSONL file with one target per line (a JSON string, or an object with
-"target_text" / "target" / "text" and optionally "id" and "target_tokens" / "target_ids").
+Targets come from `load_targets(path)`, which reads two formats. A JSON file of inversion
+samples is an object with a "samples" list whose items have "target_tokens" and optionally
+"id", "target_text" and "prompt_tokens". A JSONL file has one target per line: a JSON string,
+or an object with "target_text" / "target" / "text" and optionally "id" and "target_tokens" /
+"target_ids".
 
 Example:
     >>> targets = load_targets("lmi_smollm2_instruct_pl10_tl10.json")   # doctest: +SKIP
@@ -196,7 +197,7 @@ BenchEvent = TargetStarted | TargetFinished
 
 
 def summarize(results: Sequence[TargetResult], peak_memory_mb: float | None = None) -> dict[str, Any]:
-    """Success counts, median steps and seconds to success, and seconds per step."""
+    """Compute success counts, median steps and seconds to success, and seconds per step."""
     solved = [r for r in results if r.success]
     total_steps = sum(r.steps for r in results)
     total_seconds = sum(r.seconds for r in results)
@@ -214,7 +215,7 @@ def summarize(results: Sequence[TargetResult], peak_memory_mb: float | None = No
 
 
 def peak_memory_mb(device: str = "cpu") -> float:
-    """Peak memory of this process in MiB: CUDA allocations on a GPU, else the resident set size."""
+    """Return the peak memory of this process in MiB: CUDA allocations on a GPU, else the peak resident set size."""
     if device.startswith("cuda"):
         import torch
 
@@ -226,12 +227,12 @@ def peak_memory_mb(device: str = "cpu") -> float:
 
 # -- the runner --------------------------------------------------------------------------
 
-# The benchmark sets each run's target, so a base config needs none; this stands in for it.
+# The benchmark sets each run's target, so a base config needs none. This text fills the field.
 _TARGET_PLACEHOLDER = "(set per target by the benchmark)"
 
 
 def load_base_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """The config every target runs with: a YAML file (its target is ignored) or the defaults.
+    """Build the config every target runs with from a YAML file (its target is ignored) or the defaults.
 
     Raises ConfigError like `load_config` for an invalid file or override.
     """
@@ -244,7 +245,7 @@ def load_base_config(path: str | os.PathLike | None = None, overrides: Sequence[
 
 
 def target_config(base: Config, target: BenchTarget, *, max_steps: int | None, seed: int | None = None) -> Config:
-    """The base config aimed at one target: its exact ids (or text), its prompt length, the step limit."""
+    """Return the base config aimed at one target: its exact ids (or text), prompt length and step limit."""
     objective = dataclasses.replace(base.objective, target=target.target_text, target_ids=target.target_ids)
     prompt = base.prompt
     if target.prompt_length is not None and prompt.init_text is None:
@@ -329,7 +330,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def markdown_report(reports: Sequence[MethodReport]) -> str:
-    """A summary table (one row per method) and a per-target table per method, in markdown."""
+    """Render a summary table (one row per method) and a per-target table per method as markdown."""
     lines = ["| method | solved | solved (text) | median steps | median s to success | s/step | peak MiB |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for report in reports:
@@ -353,7 +354,7 @@ def markdown_report(reports: Sequence[MethodReport]) -> str:
 
 
 def speed_ratio(reports: Sequence[MethodReport]) -> float | None:
-    """Median seconds to success of the second method over the first, when both solved some."""
+    """Return the median seconds to success of the second method over the first, or None unless both solved some."""
     if len(reports) < 2:
         return None
     first, second = (r.summary()["median_seconds_to_success"] for r in reports[:2])
@@ -363,7 +364,7 @@ def speed_ratio(reports: Sequence[MethodReport]) -> float | None:
 
 
 def solved_curve(results: Sequence[TargetResult]) -> tuple[list[float], list[float]]:
-    """Step curve of the fraction of targets solved against wall-clock seconds."""
+    """Return the step curve (xs, ys) of the fraction of targets solved against wall-clock seconds."""
     times = sorted(r.solved_at for r in results if r.success and r.solved_at is not None)
     xs, ys = [0.0], [0.0]
     for i, t in enumerate(times, start=1):
@@ -394,7 +395,6 @@ def write_plot(reports: Sequence[MethodReport], path: str | os.PathLike) -> bool
         xs, ys = solved_curve(report.results)
         longest = max(longest, xs[-1])
         axes.plot(xs, ys, label=report.method)
-    axes.set_xscale("symlog", linthresh=1.0)
     axes.set_xlim(0, max(longest, 1.0))
     axes.set_ylim(0, 1.02)
     axes.set_xlabel("wall-clock seconds per target")
@@ -428,6 +428,19 @@ def write_report(reports: Sequence[MethodReport], output_dir: str | os.PathLike,
     return paths
 
 
+def load_reports(path: str | os.PathLike) -> tuple[list[MethodReport], dict[str, Any]]:
+    """Read the method reports and the meta block back from a results.json that write_report wrote."""
+    data = json.loads(Path(path).read_text())
+    reports = [
+        MethodReport(
+            method=m["method"], settings=m["settings"], results=[TargetResult(**r) for r in m["results"]],
+            peak_memory_mb=m["summary"].get("peak_memory_mb"),
+        )
+        for m in data["methods"]
+    ]
+    return reports, data.get("meta", {})
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -435,7 +448,7 @@ def _json_default(value: Any) -> Any:
 
 
 def machine_info() -> dict[str, Any]:
-    """Cores, CPU model, torch version and date, for the records."""
+    """Return the cores, torch threads, CPU model, torch version and date, for the records."""
     import platform
 
     import torch

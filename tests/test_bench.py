@@ -282,3 +282,14 @@ def test_cli_bench_bad_targets_file(tmp_path, cli_model):
     missing = _invoke("bench", tmp_path / "missing.json")
     assert missing.exit_code == 2
     assert "not found" in missing.stderr
+
+
+def test_load_reports_round_trip(tmp_path):
+    from sdlm.bench import load_reports
+
+    paths = write_report(_reports(), tmp_path, meta={"cores": 2})
+    reports, meta = load_reports(paths["json"])
+    assert meta == {"cores": 2}
+    assert [r.method for r in reports] == ["sdlm", "gcg"]
+    assert reports[0].results == _reports()[0].results
+    assert reports[0].peak_memory_mb == 100.0
