@@ -129,8 +129,7 @@ class STGSDiffModel(nn.Module):
         V, D = self.embedding_weight.shape
         width = part.shape[-1]
         if width == V and V != D:
-            # (B, T, V) @ (V, D) -> (B, T, D); an exact row lookup when each row is one-hot.
-            return part.to(self.device, self.dtype) @ self.embedding_weight
+            return embed_token_vectors(part.to(self.device, self.dtype), self.embedding_weight)
         if width == D and V != D:
             return part.to(self.device, self.dtype)
         raise ValueError(f"float input width {width} matches neither the vocabulary ({V}) nor the embedding width ({D})")
@@ -288,6 +287,51 @@ class STGSDiffModel(nn.Module):
             for row, n in zip(ids, lengths)
         ]
         return GenerateOutput(ids=ids, y=torch.cat(new_y, dim=1), logits=torch.cat(new_logits, dim=1), text=text, lengths=lengths)
+
+
+class _OneHotLookup(torch.autograd.Function):
+    """one_hot @ weight computed as a row lookup, with the matmul's exact gradients.
+
+    Forward: weight[one_hot.argmax(-1)], the same rows the product (B, T, V) @ (V, D) gives
+    when every row of one_hot is exactly one-hot, at the cost of a gather. Backward: the
+    gradient of the product, grad @ weight^T -> (B, T, V) for one_hot, and one_hot^T @ grad
+    accumulated by row (index_add) for weight.
+    """
+
+    @staticmethod
+    def forward(ctx, one_hot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ids = one_hot.argmax(dim=-1)  # (B, T)
+        ctx.save_for_backward(ids, weight)
+        ctx.vocab_size = one_hot.shape[-1]
+        return weight[ids]  # (B, T, D)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ids, weight = ctx.saved_tensors
+        grad_one_hot = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_one_hot = grad @ weight.T  # (B, T, D) @ (D, V) -> (B, T, V)
+        if ctx.needs_input_grad[1]:
+            D = grad.shape[-1]
+            grad_weight = torch.zeros_like(weight).index_add_(0, ids.reshape(-1), grad.reshape(-1, D))
+        return grad_one_hot, grad_weight
+
+
+def is_one_hot(vectors: torch.Tensor) -> bool:
+    """True when every row over the last dim is exactly one-hot: entries >= 0, max 1, sum 1."""
+    values = vectors.detach()
+    return bool((values.amin(dim=-1) >= 0).all() and (values.amax(dim=-1) == 1).all() and (values.sum(dim=-1) == 1).all())
+
+
+def embed_token_vectors(vectors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Map token vectors (B, T, V) to embeddings (B, T, D) = vectors @ weight, weight (V, D).
+
+    Exactly one-hot rows (STGS's hard samples) take a row lookup with the product's gradient,
+    which skips the (B, T, V) @ (V, D) matmul in the forward pass; soft rows take the matmul.
+    """
+    if is_one_hot(vectors):
+        return _OneHotLookup.apply(vectors, weight)
+    return vectors @ weight  # (B, T, V) @ (V, D) -> (B, T, D)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -167,3 +167,31 @@ def test_parts_broadcast_and_mixed_inputs(tiny_lm):
         dm(parts=[one_hot, one_hot[:2]])
     with pytest.raises(ValueError, match="width"):
         dm(parts=[torch.zeros(1, 2, 5)])
+
+
+def test_one_hot_lookup_matches_matmul():
+    from sdlm.stgs import STGS
+    from sdlm.stgs_diff_model import embed_token_vectors
+
+    weight = torch.randn(50, 8, requires_grad=True)
+    logits = torch.randn(3, 4, 50, requires_grad=True)
+    grads = []
+    for use_lookup in (True, False):
+        y = STGS()(logits, generator=torch.Generator().manual_seed(0)).y
+        embeds = embed_token_vectors(y, weight) if use_lookup else y @ weight
+        embeds.pow(2).sum().backward()
+        grads.append((embeds.detach(), logits.grad.clone(), weight.grad.clone()))
+        logits.grad, weight.grad = None, None
+    (lookup, lookup_logit_grad, lookup_weight_grad), (product, logit_grad, weight_grad) = grads
+    assert torch.equal(lookup, product)
+    assert torch.allclose(lookup_logit_grad, logit_grad)
+    assert torch.allclose(lookup_weight_grad, weight_grad)
+
+
+def test_soft_vectors_take_the_matmul():
+    from sdlm.stgs_diff_model import embed_token_vectors, is_one_hot
+
+    weight = torch.randn(10, 4)
+    soft = torch.softmax(torch.randn(2, 3, 10), dim=-1)
+    assert not is_one_hot(soft)
+    assert torch.allclose(embed_token_vectors(soft, weight), soft @ weight)

@@ -1,0 +1,118 @@
+"""Measure the embedded model's load times and the cost of one optimization step.
+
+Prints:
+  - the cold load time (a fresh, temporary SDLM_CACHE_DIR, so the GGUF file is converted) and
+    the cached load time (the user's cache, converted on an earlier run);
+  - one step through STGS + one-hot embedding + model forward/backward + Adam, against the
+    model's bare forward + backward on the same token ids (embeddings that require a gradient,
+    no STGS, no one-hot products), as a ratio. Medians over --repeats runs after a warm-up.
+
+Usage:
+    python benchmarks/step_overhead.py [--samples 4] [--prompt-length 10] [--target-length 10]
+        [--repeats 10] [--skip-cold] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def time_load(cache_dir: str | None) -> float:
+    """Time load_model("smollm2") in a fresh interpreter, so nothing is reused from memory."""
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["SDLM_CACHE_DIR"] = cache_dir
+    code = (
+        "import time; t = time.perf_counter(); from sdlm.models import load_model; "
+        "load_model('smollm2', device='cpu'); print(time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=4, help="Gumbel samples per step (the batch size)")
+    parser.add_argument("--prompt-length", type=int, default=10, help="learnable prompt tokens")
+    parser.add_argument("--target-length", type=int, default=10, help="target tokens, teacher-forced")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs of each variant")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the cold load (it converts the GGUF file, ~20 s)")
+    parser.add_argument("--profile", action="store_true", help="also print the torch profiler's top operators for one step")
+    args = parser.parse_args()
+
+    import torch
+
+    from sdlm import STGS, STGSDiffModel, STGSDiffString
+    from sdlm.bench import machine_info
+    from sdlm.models import load_model
+    from sdlm.objectives import TargetObjective
+
+    print(f"machine: {machine_info()}")
+    if not args.skip_cold:
+        with tempfile.TemporaryDirectory() as cache_dir:
+            print(f"cold load (empty SDLM_CACHE_DIR): {time_load(cache_dir):.1f} s")
+    print(f"cached load: {time_load(None):.1f} s")
+
+    model, tokenizer = load_model("smollm2", device="cpu")
+    dm = STGSDiffModel(model, tokenizer)
+    S, L, T = args.samples, args.prompt_length, args.target_length
+    generator = torch.Generator().manual_seed(0)
+    string = STGSDiffString(tokenizer, length=L, vocab_size=dm.vocab_size, stgs=STGS(), generator=generator)
+    target_ids = torch.randint(0, len(tokenizer), (T,), generator=generator).tolist()
+    objective = TargetObjective(dm, target_ids)
+    optimizer = torch.optim.Adam(string.parameters(), lr=0.3)
+
+    def full_step() -> None:
+        draw = string.sample(S, generator=generator)
+        loss = objective.loss(draw.y).per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    # The bare model on the same token ids: embeddings that need a gradient, the same loss.
+    ids = torch.cat([string.ids.view(1, L).expand(S, L), objective.target_ids.expand(S, T)], dim=1)  # (S, L + T)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # (S, L + T, D)
+
+    def bare_step() -> None:
+        logits = model(inputs_embeds=embeds, logits_to_keep=T + 1).logits[:, :T].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(S * T, -1), objective.target_ids.expand(S, T).reshape(-1))
+        embeds.grad = None
+        loss.backward()
+
+    # Interleave the two so that load from other processes hits both alike.
+    full, bare = [], []
+    for _ in range(3):
+        full.append(median_seconds(full_step, args.repeats))
+        bare.append(median_seconds(bare_step, args.repeats))
+    full_s, bare_s = statistics.median(full), statistics.median(bare)
+    print(f"step, {S} samples, {L} prompt + {T} target tokens, {torch.get_num_threads()} threads:")
+    print(f"  bare model forward+backward: {bare_s * 1000:.0f} ms")
+    print(f"  full STGS step:              {full_s * 1000:.0f} ms")
+    print(f"  overhead ratio (full / bare): {full_s / bare_s:.2f}")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            full_step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
