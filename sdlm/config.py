@@ -131,6 +131,14 @@ class ModelConfig(_Validated):
     dtype: DType = _option(
         "float32", help="Floating-point type of the model weights: float32, bfloat16 or float16."
     )
+    ensemble: list[str] = _option(
+        help="More models, given as spec is, that score the same prompt. They must share the "
+        "first model's vocabulary. The loss averages over all models, and success needs every "
+        "model's check to pass.",
+        factory=list,
+        convert=to_word_list,
+        expected="a list of model specs",
+    )
     trust_remote_code: bool = _option(
         False,
         help="Allow a hub model to run its own Python code while loading. Enable it only for "
@@ -604,6 +612,7 @@ def config_from_dict(
         base_dir = Path(base_dir)
         config.output_dir = _resolve_path(config.output_dir, base_dir)
         config.model.spec = _resolve_model_spec(config.model.spec, base_dir)
+        config.model.ensemble = [_resolve_model_spec(spec, base_dir) for spec in config.model.ensemble]
         if config.task.path is not None:
             config.task.path = _resolve_path(config.task.path, base_dir)
     return config

@@ -30,7 +30,7 @@ def to_word_list(value: Any, key: str) -> list[str]:
     """Validate a list of non-empty texts; numbers are read back as text."""
     expected = "a list of non-empty texts"
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise _type_error(key, expected, value, f"write {key} as a list, such as [Paris, London]")
+        raise _type_error(key, expected, value, f"write {key} as a YAML list, such as [first, second]")
     words = []
     for index, item in enumerate(value):
         item_key = f"{key}[{index}]"

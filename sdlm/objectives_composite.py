@@ -108,3 +108,53 @@ class CompositeObjective:
             if make_report is not None:
                 reports[term.name] = make_report(initial_ids, final_ids)
         return reports
+
+
+class EnsembleObjective:
+    """The same objective on several models that share one vocabulary.
+
+    loss: the mean over models of each model's per-sample loss. check: success needs every
+    model's check to pass. The output fields come from the first model; metrics and terms of
+    the others are added as "model<i>.<name>" (i from 1). The report is the first model's.
+    """
+
+    def __init__(self, objectives: list[CompositeObjective]) -> None:
+        if not objectives:
+            raise ValueError("an ensemble needs at least one objective")
+        vocab_sizes = {objective.model.vocab_size for objective in objectives}
+        if len(vocab_sizes) != 1:
+            raise ValueError(f"ensemble models must have the same vocabulary size, got {sorted(vocab_sizes)}")
+        self.objectives = list(objectives)
+        self.first = objectives[0]
+
+    names = property(lambda self: self.first.names)
+    target_text = property(lambda self: self.first.target_text)
+    target_ids = property(lambda self: self.first.target_ids)
+
+    def loss(self, prompt_y: torch.Tensor) -> LossOutput:
+        outputs = [objective.loss(prompt_y) for objective in self.objectives]
+        per_sample = torch.stack([out.per_sample for out in outputs]).mean(0)
+        hints = [out.solved for out in outputs if out.solved is not None]
+        solved = torch.stack(hints).all(0) if hints else None
+        terms = dict(outputs[0].terms)
+        for index, out in enumerate(outputs[1:], start=1):
+            terms.update({f"model{index}.{name}": value for name, value in out.terms.items()})
+        return LossOutput(per_sample=per_sample, solved=solved, accuracy=outputs[0].accuracy, terms=terms)
+
+    @torch.no_grad()
+    def check(self, prompt_ids: list[int]) -> CheckResult:
+        results = [objective.check(prompt_ids) for objective in self.objectives]
+        metrics, terms = dict(results[0].metrics), dict(results[0].terms)
+        for index, result in enumerate(results[1:], start=1):
+            metrics.update({f"model{index}.{name}": value for name, value in result.metrics.items()})
+            terms.update({f"model{index}.{name}": passed for name, passed in result.terms.items()})
+        return dataclasses.replace(
+            results[0],
+            success=all(r.success for r in results),
+            text_success=all(r.text_success for r in results),
+            metrics=metrics,
+            terms=terms,
+        )
+
+    def report(self, initial_ids: list[int], final_ids: list[int]) -> dict:
+        return self.first.report(initial_ids, final_ids)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from sdlm.checkpoint import Checkpoint, LoopState, restore_checkpoint, save_chec
 from sdlm.config import Config, ConfigError
 from sdlm.constraints import position_mask
 from sdlm.objectives import CheckResult, TargetObjective
-from sdlm.objectives_composite import CompositeObjective, Term
+from sdlm.objectives_composite import CompositeObjective, EnsembleObjective, Term
 from sdlm.objectives_keywords import KeywordsTerm
 from sdlm.objectives_prompt import EntropyTerm, FluencyTerm
 from sdlm.objectives_task import TaskTerm
@@ -235,12 +235,12 @@ def build_objective(config: Config, model: STGSDiffModel, string: STGSDiffString
     return CompositeObjective(model, terms, prefix=prefix)
 
 
-def load_diff_model(config: Config) -> STGSDiffModel:
-    """Load config.model and wrap it; generated tokens use config.stgs's temperature and mode."""
+def load_diff_model(config: Config, spec: str | None = None) -> STGSDiffModel:
+    """Load config.model (or `spec` with its settings) and wrap it; generated tokens use config.stgs's temperature and mode."""
     from sdlm.models import load_model
 
     m = config.model
-    hf_model, tokenizer = load_model(m.spec, device=m.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    hf_model, tokenizer = load_model(spec or m.spec, device=m.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     s = config.stgs
     return STGSDiffModel(hf_model, tokenizer, stgs=STGS(temperature=s.temperature, hard=s.hard, noise_scale=s.noise_scale))
 
@@ -313,6 +313,17 @@ def check_fits_model(config: Config, model: STGSDiffModel, objective: CompositeO
         )
 
 
+def check_same_vocabulary(model: STGSDiffModel, others: Sequence[STGSDiffModel]) -> None:
+    """Raise ValueError unless every model has the same embedding rows and tokenizer vocabulary as `model`."""
+    vocab = model.tokenizer.get_vocab()
+    for index, other in enumerate(others, start=1):
+        if other.vocab_size != model.vocab_size or other.tokenizer.get_vocab() != vocab:
+            raise ValueError(
+                f"ensemble model {index} does not share the first model's vocabulary "
+                f"({other.vocab_size} embedding rows against {model.vocab_size}); use models with one tokenizer"
+            )
+
+
 # -- non-finite steps ----------------------------------------------------------------------
 
 
@@ -377,13 +388,15 @@ def optimize(
     on_event: Callable[[Event], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: Checkpoint | None = None,
+    ensemble: Sequence[STGSDiffModel] | None = None,
 ) -> OptimizeResult:
     """Optimize a prompt for `config`; return the best discrete prompt found and how the run ended.
 
     model: a ready STGSDiffModel (else config.model is loaded). run: where to write metrics,
     the best prompt, the learned string and checkpoints. should_stop: polled after each step;
     True ends the run with reason "interrupted". resume: a checkpoint of an earlier run of the
-    same config, which this run continues from the step after it.
+    same config, which this run continues from the step after it. ensemble: ready models that
+    score the prompt too (else those of config.model.ensemble are loaded).
 
     Raises ConfigError when the target does not fit the model (vocabulary or context), and
     CheckpointError when `resume` does not fit the config.
@@ -391,12 +404,18 @@ def optimize(
     emit = on_event or (lambda event: None)
     torch.manual_seed(config.seed)
     model = model if model is not None else load_diff_model(config)
+    if ensemble is None:
+        ensemble = [load_diff_model(config, spec) for spec in config.model.ensemble]
     generator = torch.Generator(device=model.device).manual_seed(config.seed)
     check_prompt_length(config, model)
     string = build_prompt(config, model, generator)
     initial_ids = string.ids.tolist()  # before a checkpoint replaces the logits
     objective = build_objective(config, model, string)
     check_fits_model(config, model, objective, string)
+    if ensemble:
+        check_same_vocabulary(model, ensemble)
+        others = [build_objective(config, extra, string) for extra in ensemble]
+        objective = EnsembleObjective([objective, *others])
     params = list(string.parameters())
     optimizer = build_optimizer(config.optimizer.name, params, config.optimizer.lr)
     opt, s = config.optimizer, config.stgs

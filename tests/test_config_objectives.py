@@ -86,6 +86,7 @@ def test_nothing_to_optimize_names_every_option():
         ("objective:\n  target: x\nprompt:\n  constraints:\n    - {position: 0, chars: letters}\n", "prompt.constraints[0].chars", 5, "one of alpha"),
         ("objective:\n  target: x\nprompt:\n  constraints:\n    - {position: 0, tokens: []}\n", "prompt.constraints[0].tokens", 5, "a non-empty list"),
         ("objective:\n  target: x\nprompt:\n  constraints:\n    - {position: 0, text: a, size: 2}\n", "prompt.constraints[0]", 5, "unknown key 'size'"),
+        ("objective:\n  target: x\nmodel:\n  ensemble: smollm2\n", "model.ensemble", 4, "write model.ensemble as a YAML list"),
         ("objective:\n  target: x\n  loss: hinge\n", "objective.loss", 3, "'cross_entropy', 'margin', got 'hinge'"),
         ("objective:\n  target: x\n  margin: -1\n", "objective.margin", 3, ">= 0"),
         ("objective:\n  target: x\nfluency:\n  max_perplexity: 1\n", "fluency.max_perplexity", 4, "> 1"),
@@ -109,6 +110,14 @@ def test_entropy_weight_may_be_negative():
     config = Config(objective=ObjectiveConfig(target="x"), entropy={"weight": -0.5})
 
     assert config.entropy.weight == -0.5
+
+
+def test_ensemble_paths_read_from_config_folder(tmp_path):
+    path = write(tmp_path, "objective:\n  target: x\nmodel:\n  ensemble: [models/b.gguf, smollm2]\n")
+
+    config = load_config(path)
+
+    assert config.model.ensemble == [str(tmp_path / "models" / "b.gguf"), "smollm2"]
 
 
 def test_task_path_read_from_config_folder(tmp_path):

@@ -14,7 +14,7 @@ from sdlm.chat import chat_frame
 from sdlm.config import Config, ConfigError, ObjectiveConfig, OptimizerConfig, PromptConfig, TaskConfig
 from sdlm.constraints import position_mask
 from sdlm.objectives import TargetObjective, greedy_generate, token_losses
-from sdlm.objectives_composite import CompositeObjective
+from sdlm.objectives_composite import CompositeObjective, EnsembleObjective
 from sdlm.objectives_keywords import KeywordsTerm, find_words, first_token_ids
 from sdlm.objectives_prompt import EntropyTerm, FluencyTerm, masked_entropy, prompt_perplexity
 from sdlm.objectives_task import Example, TaskTerm, load_examples, split_examples, split_template
@@ -601,3 +601,56 @@ def test_optimize_keeps_constraints(dm):
 
     assert result.best.prompt_ids[0] == dm.tokenizer.encode("hello")[0]
     assert dm.tokenizer.decode([result.best.prompt_ids[3]]).removeprefix(" ").isalpha()
+
+
+# -- ensemble ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_dm(dm):
+    return STGSDiffModel(build_tiny_model("llama", dm.vocab_size, tie=True, seed=1), dm.tokenizer)
+
+
+def test_ensemble_loss_is_mean_over_models(dm, second_dm):
+    config = Config(objective=ObjectiveConfig(target_ids=[5, 6]), fluency={"weight": 0.1})
+    string, draw = sample_prompt(dm)
+    first, second = build_objective(config, dm, string), build_objective(config, second_dm, string)
+
+    out = EnsembleObjective([first, second]).loss(draw.y)
+
+    expected = (first.loss(draw.y).per_sample + second.loss(draw.y).per_sample) / 2
+    assert torch.allclose(out.per_sample, expected)
+    assert set(out.terms) == {"target", "fluency", "model1.target", "model1.fluency"}
+    assert_reaches_prompt(string, out.per_sample)
+
+
+def test_ensemble_check_needs_every_model(dm, second_dm):
+    ids = dm.tokenizer.encode("hello world")
+    target = greedy_generate(dm, ids, 3)
+    config = Config(objective=ObjectiveConfig(target_ids=target))
+    assert greedy_generate(second_dm, ids, 3) != target
+
+    alone = build_objective(config, dm).check(ids)
+    both = EnsembleObjective([build_objective(config, dm), build_objective(config, second_dm)]).check(ids)
+
+    assert alone.success
+    assert not both.success
+    assert both.terms == {"target": True, "model1.target": False}
+    assert "model1.prompt_perplexity" in both.metrics
+
+
+def test_ensemble_rejects_other_vocabulary(dm):
+    tok = build_tiny_tokenizer(vocab_size=280)
+    other = STGSDiffModel(build_tiny_model("llama", len(tok)), tok)
+    config = Config(objective=ObjectiveConfig(target_ids=[5]), optimizer=OptimizerConfig(steps=1))
+
+    with pytest.raises(ValueError, match="does not share the first model's vocabulary"):
+        optimize(config, model=dm, ensemble=[other])
+
+
+def test_optimize_with_ensemble(dm, second_dm):
+    config = Config(objective=ObjectiveConfig(target_ids=[5, 6]), prompt=PromptConfig(length=3, samples=2), optimizer=OptimizerConfig(steps=2))
+
+    result = optimize(config, model=dm, ensemble=[second_dm])
+
+    assert result.best.terms.keys() == {"target", "model1.target"}
