@@ -390,6 +390,21 @@ class Config(_Validated):
     )
 
     def _check_fields_together(self) -> None:
+        self._check_objective_terms()
+
+        stgs = self.stgs
+        if self.optimizer.temperature_schedule == "constant":
+            return
+        reason = "because a temperature schedule is set"
+        if stgs.learnable_temperature == "none":
+            _check_temperature_in_bounds(stgs, "stgs.temperature", stgs.temperature, reason)
+        if self.optimizer.final_temperature is not None:
+            _check_temperature_in_bounds(
+                stgs, "optimizer.final_temperature", self.optimizer.final_temperature, reason
+            )
+
+    def _check_objective_terms(self) -> None:
+        """Require a term that judges the output, and reject settings that no term uses."""
         objective = self.objective
         has_target = objective.target is not None or objective.target_ids is not None
         has_keywords = bool(self.keywords.require or self.keywords.avoid)
@@ -402,6 +417,7 @@ class Config(_Validated):
                 key="objective.target",
                 related_keys=("objective.target_ids",),
             )
+
         if has_task and self.prompt.chat != "none":
             raise ConfigError(
                 f"prompt.chat: {self.prompt.chat!r} is not supported with task examples (set "
@@ -409,22 +425,13 @@ class Config(_Validated):
                 key="prompt.chat",
                 value=self.prompt.chat,
             )
+
         if self.prompt.chat_message and self.prompt.chat != "system":
             raise ConfigError(
                 "prompt.chat_message: only used with prompt.chat: system (set prompt.chat to "
                 "system, or put the text into prompt.suffix)",
                 key="prompt.chat_message",
                 value=self.prompt.chat_message,
-            )
-        stgs = self.stgs
-        if self.optimizer.temperature_schedule == "constant":
-            return
-        reason = "because a temperature schedule is set"
-        if stgs.learnable_temperature == "none":
-            _check_temperature_in_bounds(stgs, "stgs.temperature", stgs.temperature, reason)
-        if self.optimizer.final_temperature is not None:
-            _check_temperature_in_bounds(
-                stgs, "optimizer.final_temperature", self.optimizer.final_temperature, reason
             )
 
 
@@ -492,7 +499,7 @@ def _section_from_mapping(cls: type[_Validated], data: Any, section: str) -> _Va
     return cls(**data)
 
 
-# Config builds its sections from mappings with this function, which knows every section.
+# Config builds its sections from mappings with this function, which has every section's keys.
 Config._build_section = staticmethod(_section_from_mapping)
 
 

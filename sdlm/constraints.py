@@ -1,7 +1,7 @@
 """Per-position constraints of the prompt: a fixed text, a token list or a character class.
 
 Each constraint is a mapping with `position` and one of `text`, `tokens` or `chars`, as
-`prompt.constraints` in the config gives them; `position_mask` turns them into an (L, V) bool
+`prompt.constraints` in the config gives them. `position_mask` turns them into an (L, V) bool
 mask for STGSDiffString.constrain.
 """
 

@@ -28,7 +28,8 @@ TokenLoss = Literal["cross_entropy", "margin"]
 class LossOutput:
     """per_sample: (S,) loss of each sample; solved: (S,) bool, True where the sample's
     teacher-forced argmax already equals the target at every position (a cheap hint that the
-    sample may pass the check), or None; accuracy: (S,) teacher-forced token accuracy, or None."""
+    sample may pass the check), or None; accuracy: (S,) teacher-forced token accuracy, or None.
+    terms: each term's unweighted (S,) loss, detached, for a composite objective."""
 
     per_sample: torch.Tensor
     solved: torch.Tensor | None = None

@@ -207,7 +207,7 @@ def _stgs_kwargs(stgs: STGS) -> dict:
 
 
 def build_objective(config: Config, model: STGSDiffModel, string: STGSDiffString | None = None) -> CompositeObjective:
-    """The weighted terms that config turns on; `string` is needed only by the entropy term."""
+    """Build the weighted terms that config turns on. Only the entropy term needs `string`."""
     o, p = config.objective, config.prompt
     prefix, suffix = chat_frame(model.tokenizer, p.chat, p.prefix, p.suffix, p.chat_message)
     terms: list[tuple[float, Term]] = []
