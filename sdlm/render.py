@@ -43,6 +43,17 @@ _ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
 # -- pure helpers ------------------------------------------------------------------------
 
 
+def describe_objective(start: RunStarted) -> str:
+    """Describe the run's objective: the target and its length, then any other terms."""
+    others = [name for name in start.terms if name != "target"]
+    parts = []
+    if start.target_ids:
+        parts.append(f"target {quote(start.target_text)} ({len(start.target_ids)} tokens)")
+    if others:
+        parts.append("terms " + ", ".join(others))
+    return ", ".join(parts) or "no objective terms"
+
+
 def quote(text: str) -> str:
     """Quote text as a JSON string, also escaping DEL, C1 controls and Unicode line separators.
 
@@ -250,9 +261,8 @@ class PlainRenderer(_SteppedRenderer):
         if isinstance(event, RunStarted):
             self._line(f"run directory: {event.run_dir}")
             self._line(
-                f"model {event.model} on {event.device}; target {quote(event.target_text)} "
-                f"({len(event.target_ids)} tokens); prompt of {event.prompt_length} tokens; "
-                f"{event.steps} steps of {event.samples} samples"
+                f"model {event.model} on {event.device}; {describe_objective(event)}; "
+                f"prompt of {event.prompt_length} tokens; {event.steps} steps of {event.samples} samples"
             )
         elif isinstance(event, EvalEvent) and event.improved:
             check = event.check
@@ -307,7 +317,7 @@ class LiveRenderer(Renderer):
         if start is None:
             return Text(self._status)
         parts: list[RenderableType] = [
-            Text(f"model {start.model} on {start.device}  target {quote(start.target_text)}  run {start.run_dir}")
+            Text(f"model {start.model} on {start.device}  {describe_objective(start)}  run {start.run_dir}")
         ]
 
         bar = Table.grid(padding=(0, 1))

@@ -18,7 +18,8 @@ from sdlm.objectives_composite import CompositeObjective, EnsembleObjective
 from sdlm.objectives_keywords import KeywordsTerm, find_words, first_token_ids
 from sdlm.objectives_prompt import EntropyTerm, FluencyTerm, masked_entropy, prompt_perplexity
 from sdlm.objectives_task import Example, TaskTerm, load_examples, split_examples, split_template
-from sdlm.optimize import build_objective, optimize
+from sdlm.optimize import RunStarted, build_objective, optimize
+from sdlm.render import describe_objective
 from sdlm.stgs_diff_string import banned_token_mask
 
 
@@ -654,3 +655,25 @@ def test_optimize_with_ensemble(dm, second_dm):
     result = optimize(config, model=dm, ensemble=[second_dm])
 
     assert result.best.terms.keys() == {"target", "model1.target"}
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+
+def start_event(target_text, target_ids, terms):
+    return RunStarted(
+        model="m", device="cpu", target_text=target_text, target_ids=target_ids, prompt_length=3,
+        steps=1, samples=1, run_dir=None, terms=terms,
+    )
+
+
+@pytest.mark.parametrize(
+    ("target_text", "target_ids", "terms", "expected"),
+    [
+        (" Paris", [5], ["target"], 'target " Paris" (1 tokens)'),
+        (" Paris", [5], ["target", "fluency"], 'target " Paris" (1 tokens), terms fluency'),
+        ("", [], ["keywords", "entropy"], "terms keywords, entropy"),
+    ],
+)
+def test_describe_objective(target_text, target_ids, terms, expected):
+    assert describe_objective(start_event(target_text, target_ids, terms)) == expected
