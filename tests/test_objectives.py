@@ -298,7 +298,7 @@ def test_load_examples_missing_file(tmp_path):
 
 
 def task_examples(dm, prompt="hello world", inputs=("cat", "dog", "fox", "12345")):
-    """Examples whose outputs are the tiny model's own greedy answers with `prompt`."""
+    """Build examples whose outputs are the tiny model's own greedy outputs with `prompt`."""
     term = TaskTerm(dm, [Example(i, "x") for i in inputs])
     outputs = term.outputs(dm.tokenizer.encode(prompt), term._encoded_train)
     return [Example(i, o) for i, o in zip(inputs, outputs) if o.strip()]

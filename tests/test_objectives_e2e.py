@@ -53,8 +53,8 @@ def test_keywords_config_succeeds(embedded):
 
 
 def test_task_config_reports_accuracy(embedded):
-    # Ten steps keep the test short; the initial prompt is checked at step 5, so the best
-    # prompt's training accuracy is at least the initial one.
+    # Ten steps keep the test short. The initial prompt is still the argmax at the check of
+    # step 5, so the best prompt's training accuracy is at least the initial one.
     result = run("task_capitals.yaml", embedded, ["optimizer.steps=10"])
 
     report = result.summary()["report"]["task"]
