@@ -184,14 +184,28 @@ def test_context_error_names_the_flag(tiny, tmp_path):
     assert_one_line_error(result, "--set prompt.length=200: prompt.length: a 200-token prompt")
 
 
-@pytest.mark.skip(reason="TODO: prompt templates arrive with the objectives branch; test a template without its placeholder then")
-def test_template_without_placeholder_rejected():
-    pass
+def test_template_without_placeholder_rejected(tiny, tmp_path):
+    config = base_config(task={"examples": [{"input": "a", "output": "b"}], "template": "Input: {input}"})
+    path = write_config(tmp_path / "c.yaml", **config)
+    result = invoke("optimize", path)
+    assert_one_line_error(result, "c.yaml:", "task.template: expected a template containing {prompt} exactly once")
 
 
-@pytest.mark.skip(reason="TODO: examples files arrive with the objectives branch; test a missing column and an empty row then")
-def test_examples_file_missing_column_or_empty_row_rejected():
-    pass
+@pytest.mark.parametrize(
+    "name, text, parts",
+    [
+        ("ex.csv", "input,wrong\na,b\n", ["task.path", "ex.csv", "output"]),
+        ("ex.jsonl", '{"input": "a", "output": "b"}\n{"input": "c"}\n', ["task.path", "ex.jsonl", "output"]),
+        ("ex.jsonl", '{"input": "a", "output": "b"}\n{"input": "", "output": ""}\n', ["task.path", "ex.jsonl"]),
+    ],
+    ids=["csv-missing-column", "jsonl-missing-field", "jsonl-empty-row"],
+)
+def test_examples_file_with_bad_row_rejected(tiny, tmp_path, name, text, parts):
+    (tmp_path / name).write_text(text)
+    config = base_config(task={"path": name})
+    path = write_config(tmp_path / "c.yaml", **config)
+    result = invoke("optimize", path)
+    assert_one_line_error(result, *parts)
 
 
 # -- models, devices and output folders that do not exist or cannot be used --------------
