@@ -559,8 +559,9 @@ def generate(
         float, typer.Option(min=0, help="STGS relaxation temperature of the soft samples fed back with --soft.")
     ] = 1.0,
     noise_scale: Annotated[
-        float, typer.Option(min=0, help="Gumbel noise multiplier: tokens are drawn as if from softmax(logits / noise_scale).")
-    ] = 1.0,
+        Optional[float],
+        typer.Option(min=0, help="Gumbel noise multiplier: tokens are drawn as if from softmax(logits / noise_scale). Default 1."),
+    ] = None,
     hard: Annotated[
         Optional[bool], typer.Option("--hard/--soft", help="Feed back one-hot tokens (default) or the soft samples.")
     ] = None,
@@ -584,6 +585,9 @@ def generate(
             raise CommandError(f"--temperature must be > 0, got {temperature}")
         if greedy and hard is False:
             raise CommandError("--greedy cannot be combined with --soft, because greedy decoding feeds back hard tokens")
+        if greedy and noise_scale not in (None, 0):
+            raise CommandError(f"--greedy sets the noise scale to 0, so it cannot be combined with --noise-scale {noise_scale:g}; drop one")
+        noise_scale = 1.0 if noise_scale is None else noise_scale
         with _cli_logging(logging.DEBUG if debug else logging.WARNING):
             if trust_remote_code:
                 logger.warning("--trust-remote-code is on: %s may run its own Python code while loading", model_spec)

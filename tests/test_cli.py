@@ -616,3 +616,9 @@ if __name__ == "__main__":
     # Run the CLI on the tiny model, for the tests above that need a real process.
     install_tiny_model()
     sys.exit(main())
+
+
+def test_generate_greedy_with_noise_scale_rejected():
+    result = CliRunner().invoke(app, ["generate", "--prompt", "hi", "--greedy", "--noise-scale", "2"])
+    assert result.exit_code == 2
+    assert "--greedy sets the noise scale to 0" in result.output
