@@ -9,7 +9,7 @@ Prints:
 
 Usage:
     python benchmarks/step_overhead.py [--samples 4] [--prompt-length 10] [--target-length 10]
-        [--repeats 10] [--skip-cold] [--profile]
+        [--repeats 10] [--skip-cold] [--compare-matmul] [--profile]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--target-length", type=int, default=10, help="target tokens, teacher-forced")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of each variant")
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold load (it converts the GGUF file, ~20 s)")
+    parser.add_argument("--compare-matmul", action="store_true", help="also time the full step with the one-hot matmul in place of the row lookup")
     parser.add_argument("--profile", action="store_true", help="also print the torch profiler's top operators for one step")
     args = parser.parse_args()
 
@@ -95,16 +96,33 @@ def main() -> None:
         embeds.grad = None
         loss.backward()
 
-    # Interleave the two so that load from other processes hits both alike.
-    full, bare = [], []
+    import sdlm.stgs_diff_model as diff_model_module
+
+    lookup = diff_model_module.is_one_hot
+
+    def matmul_step() -> None:
+        # Report every input as soft, so embed takes the (S, L, V) @ (V, D) product.
+        diff_model_module.is_one_hot = lambda vectors: False
+        try:
+            full_step()
+        finally:
+            diff_model_module.is_one_hot = lookup
+
+    # Interleave the variants so that load from other processes hits them alike.
+    full, bare, matmul = [], [], []
     for _ in range(3):
         full.append(median_seconds(full_step, args.repeats))
         bare.append(median_seconds(bare_step, args.repeats))
+        if args.compare_matmul:
+            matmul.append(median_seconds(matmul_step, args.repeats))
     full_s, bare_s = statistics.median(full), statistics.median(bare)
     print(f"step, {S} samples, {L} prompt + {T} target tokens, {torch.get_num_threads()} threads:")
     print(f"  bare model forward+backward: {bare_s * 1000:.0f} ms")
     print(f"  full STGS step:              {full_s * 1000:.0f} ms")
     print(f"  overhead ratio (full / bare): {full_s / bare_s:.2f}")
+    if args.compare_matmul:
+        matmul_s = statistics.median(matmul)
+        print(f"  full step, one-hot matmul:   {matmul_s * 1000:.0f} ms (ratio to bare {matmul_s / bare_s:.2f})")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
