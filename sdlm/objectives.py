@@ -2,7 +2,7 @@
 
 Shapes: `S` Gumbel samples, `L` prompt length, `T` target length, `V` vocabulary.
 
-The loss sees STGS samples of the prompt; the check sees one prompt as token ids and runs the
+The loss scores STGS samples of the prompt. The check takes one prompt as token ids and runs the
 model's ordinary greedy generation, so a reported success is real, never inferred from the loss.
 """
 
@@ -181,7 +181,7 @@ class TargetObjective:
 
 
 def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int) -> list[int]:
-    """The model's plain greedy continuation of `ids` by HF generate, without the prompt."""
+    """Return the model's plain greedy continuation of `ids` from HF generate, without the prompt."""
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
     hf_model = model.model
     output = hf_model.generate(

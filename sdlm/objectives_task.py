@@ -213,7 +213,7 @@ class TaskTerm:
             targets = e.output_ids.expand(S, -1)  # (S, n)
             losses.append(token_losses(example_logits, targets, self.loss_type, self.margin).mean(-1))
             hits.append((example_logits.detach().argmax(-1) == targets).all(-1))
-        # A minibatch that misses training examples says little about the check, so only a batch
+        # A minibatch that misses training examples cannot predict the check, so only a batch
         # that covers them all marks samples as worth a greedy check.
         solved = torch.stack(hits).all(0) if B == len(self.train) else None  # (S,)
         return LossOutput(per_sample=torch.stack(losses).mean(0), solved=solved, accuracy=torch.stack(hits).float().mean(0))

@@ -160,14 +160,16 @@ def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def build_prompt(config: Config, model: STGSDiffModel, generator: torch.Generator | None = None) -> STGSDiffString:
-    """The learnable prompt described by config.prompt and config.stgs."""
+    """Build the learnable prompt that config.prompt and config.stgs describe."""
     p, s = config.prompt, config.stgs
+    # The prompt length decides the shape of a per-position temperature, so it comes first.
+    length = len(model.tokenizer.encode(p.init_text, add_special_tokens=False)) if p.init_text else p.length
     stgs = STGS(
         temperature=s.temperature,
         learnable_temperature=s.learnable_temperature,
         min_temperature=s.min_temperature,
         max_temperature=s.max_temperature,
-        length=None if p.init_text else p.length,
+        length=length,
         hard=s.hard,
         hard_method=s.hard_method,
         normalize=s.normalize,
@@ -181,9 +183,6 @@ def build_prompt(config: Config, model: STGSDiffModel, generator: torch.Generato
         if not vocab_mask.any():
             raise ValueError("prompt.banned and prompt.banned_ids leave no token to use; ban fewer")
     if p.init_text:
-        length = len(model.tokenizer.encode(p.init_text, add_special_tokens=False))
-        if s.learnable_temperature == "per_position":
-            stgs = STGS(**{**_stgs_kwargs(stgs), "length": length})
         string = STGSDiffString(
             model.tokenizer, init_text=p.init_text, init_scale=p.init_scale,
             vocab_size=model.vocab_size, vocab_mask=vocab_mask, stgs=stgs,
@@ -196,15 +195,6 @@ def build_prompt(config: Config, model: STGSDiffModel, generator: torch.Generato
     if p.constraints:
         string.constrain(position_mask(model.tokenizer, string.length, model.vocab_size, p.constraints))
     return string.to(model.device)
-
-
-def _stgs_kwargs(stgs: STGS) -> dict:
-    return dict(
-        temperature=float(stgs.initial_temperature), learnable_temperature=stgs.learnable_temperature,
-        min_temperature=stgs.min_temperature, max_temperature=stgs.max_temperature, hard=stgs.hard,
-        hard_method=stgs.hard_method, normalize=stgs.normalize, noise_scale=stgs.noise_scale,
-        embedding_weight=stgs.embedding_weight,
-    )
 
 
 def build_objective(config: Config, model: STGSDiffModel, string: STGSDiffString | None = None) -> CompositeObjective:

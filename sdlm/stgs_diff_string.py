@@ -97,12 +97,8 @@ def banned_token_mask(tokenizer, vocab_size: int, texts: Sequence[str] = (), ids
     return banned
 
 
-def _decoded_tokens(tokenizer, size: int) -> list[str]:
-    return _decoded_tokens_cached(tokenizer, size)
-
-
 @lru_cache(maxsize=4)
-def _decoded_tokens_cached(tokenizer, size: int) -> list[str]:
+def _decoded_tokens(tokenizer, size: int) -> list[str]:
     # One batch_decode call is far faster than decoding 50k tokens one by one.
     return tokenizer.batch_decode([[i] for i in range(size)], clean_up_tokenization_spaces=False)
 

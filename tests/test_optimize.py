@@ -110,3 +110,17 @@ def test_forced_run_directory_drops_earlier_results(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
     unique = RunDirectory.create(tmp_path, "run", unique=True)
     assert unique.path.name == "run-2"
+
+
+def test_per_position_temperature_matches_init_text(tiny_dm):
+    from sdlm.config import STGSConfig
+    from sdlm.optimize import build_prompt
+
+    config = Config(
+        prompt=PromptConfig(init_text="hello world, hello model"),
+        stgs=STGSConfig(learnable_temperature="per_position"),
+        objective=ObjectiveConfig(target_ids=[5]),
+    )
+    string = build_prompt(config, tiny_dm)
+    assert string.length == len(tiny_dm.tokenizer.encode("hello world, hello model"))
+    assert string.stgs.temperature_raw.shape == (string.length,)
