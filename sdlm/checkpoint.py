@@ -57,6 +57,11 @@ class LoopState:
     best_loss: float | None = None
     checked: list[list[int]] = field(default_factory=list)
     non_finite_in_a_row: int = 0
+    # The discrete polish's incumbent as [ids, matched, loss], or None.
+    incumbent: list[Any] | None = None
+    # Restarts: the lowest loss since the last restart, and the step it was reached.
+    restart_low: float | None = None
+    restart_step: int = 0
 
 
 @dataclass

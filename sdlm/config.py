@@ -62,6 +62,7 @@ __all__ = [
     "OptimizerConfig",
     "PromptConfig",
     "STGSConfig",
+    "SearchConfig",
     "TaskConfig",
     "apply_overrides",
     "config_from_dict",
@@ -360,6 +361,31 @@ class EvalConfig(_Validated):
 
 
 @dataclass
+class SearchConfig(_Validated):
+    """Search aids on top of the relaxed gradient steps, for the target objective."""
+
+    _prefix: ClassVar[str] = "search"
+
+    polish_every: int = _option(
+        0,
+        help="Steps between rounds of the discrete polish, which tries gradient-ranked "
+        "single-token swaps of the best prompt seen and keeps one only if it brings the greedy "
+        "output closer to the target. 0 turns it off. Needs objective.target.",
+        ge=0,
+    )
+    polish_width: int = _option(32, help="Swaps tried per polish round, scored in one batch.", ge=1)
+    polish_topk: int = _option(
+        16, help="Tokens per position the swaps choose from, ranked by the one-hot gradient.", ge=1
+    )
+    restart_patience: int = _option(
+        0,
+        help="Steps without a new lowest loss after which the prompt's logits are drawn afresh "
+        "and the optimizer state is reset; the best prompt seen is kept. 0 never restarts.",
+        ge=0,
+    )
+
+
+@dataclass
 class Config(_Validated):
     """A complete sdlm run configuration."""
 
@@ -373,6 +399,7 @@ class Config(_Validated):
     task: TaskConfig = _option(help=TaskConfig.__doc__, factory=TaskConfig)
     optimizer: OptimizerConfig = _option(help=OptimizerConfig.__doc__, factory=OptimizerConfig)
     eval: EvalConfig = _option(help=EvalConfig.__doc__, factory=EvalConfig)
+    search: SearchConfig = _option(help=SearchConfig.__doc__, factory=SearchConfig)
     seed: int = _option(
         0, help="Random seed for the initial logits and the Gumbel noise.", ge=0, le=MAX_SEED
     )
@@ -418,6 +445,14 @@ class Config(_Validated):
                 related_keys=("objective.target_ids",),
             )
 
+        if self.search.polish_every and not has_target:
+            raise ConfigError(
+                f"search.polish_every: {self.search.polish_every} needs a target (set "
+                "objective.target, or set search.polish_every to 0)",
+                key="search.polish_every",
+                value=self.search.polish_every,
+            )
+
         if has_task and self.prompt.chat != "none":
             raise ConfigError(
                 f"prompt.chat: {self.prompt.chat!r} is not supported with task examples (set "
@@ -446,6 +481,7 @@ _SECTIONS: dict[str, type[_Validated]] = {
     "task": TaskConfig,
     "optimizer": OptimizerConfig,
     "eval": EvalConfig,
+    "search": SearchConfig,
 }
 _TOP_LEVEL_FIELDS = [f.name for f in dataclasses.fields(Config) if f.name not in _SECTIONS]
 

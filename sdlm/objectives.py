@@ -139,15 +139,21 @@ class TargetObjective:
     def target_length(self) -> int:
         return self.target_ids.shape[1]
 
+    def teacher_forced_logits(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Logits (S, T, V) that predict each target token given the prompt and the target tokens
+        before it, in one forward pass. prompt: samples or one-hots (S, L, V), or ids (S, L)."""
+        T = self.target_length
+        # Keep the logits of the last T + 1 positions; the first T predict the target.
+        out = self.model(parts=[self.prefix_ids, prompt, self.suffix_ids, self.target_ids], logits_to_keep=T + 1)
+        return out.logits[:, :T]
+
     def loss(self, prompt_y: torch.Tensor) -> LossOutput:
         """Score prompt samples prompt_y (S, L, V); returns the per-sample mean token loss."""
         S = prompt_y.shape[0]
         T = self.target_length
         targets = self.target_ids.expand(S, -1)  # (S, T)
         if self.mode == "teacher_forcing":
-            # Keep the logits of the last T + 1 positions; the first T predict the target.
-            out = self.model(parts=[self.prefix_ids, prompt_y, self.suffix_ids, self.target_ids], logits_to_keep=T + 1)
-            logits = out.logits[:, :T]  # (S, T, V)
+            logits = self.teacher_forced_logits(prompt_y)  # (S, T, V)
         else:
             out = self.model.generate(parts=[self.prefix_ids, prompt_y, self.suffix_ids], max_new_tokens=T)
             logits = out.logits  # (S, T, V)

@@ -28,6 +28,7 @@ from sdlm.objectives_composite import CompositeObjective, EnsembleObjective, Ter
 from sdlm.objectives_keywords import KeywordsTerm
 from sdlm.objectives_prompt import EntropyTerm, FluencyTerm
 from sdlm.objectives_task import TaskTerm
+from sdlm.polish import Polisher, Scored
 from sdlm.runs import RunDirectory
 from sdlm.stgs import STGS
 from sdlm.stgs_diff_model import STGSDiffModel
@@ -236,6 +237,13 @@ def load_diff_model(config: Config, spec: str | None = None) -> STGSDiffModel:
     return STGSDiffModel(hf_model, tokenizer, stgs=STGS(temperature=s.temperature, hard=s.hard, noise_scale=s.noise_scale))
 
 
+def _incumbent_state(polisher: Polisher | None) -> list | None:
+    if polisher is None or polisher.incumbent is None:
+        return None
+    best = polisher.incumbent
+    return [list(best.ids), best.matched, best.loss]
+
+
 # -- the loop ----------------------------------------------------------------------------
 
 
@@ -271,6 +279,12 @@ def optimize(
     initial_ids = string.ids.tolist()  # before a checkpoint replaces the logits
     objective = build_objective(config, model, string)
     check_fits_model(config, model, objective, string)
+    search = config.search
+    polisher = None
+    if search.polish_every:
+        polisher = Polisher(
+            objective.target, string.allowed_mask, width=search.polish_width, topk=search.polish_topk, generator=generator
+        )
     if ensemble:
         check_same_vocabulary(model, ensemble)
         others = [build_objective(config, extra, string) for extra in ensemble]
@@ -283,6 +297,9 @@ def optimize(
     if resume is not None:
         restore_checkpoint(resume, string, optimizer, generator)
         state = resume.state
+        if polisher is not None and state.incumbent is not None:
+            ids, matched, incumbent_loss = state.incumbent
+            polisher.incumbent = Scored(tuple(ids), matched, incumbent_loss)
     emit(RunStarted(
         model=config.model.spec, device=str(model.device), target_text=objective.target_text,
         target_ids=objective.target_ids[0].tolist(), prompt_length=string.length, steps=opt.steps,
@@ -299,6 +316,7 @@ def optimize(
     reason: StopReason = "max_steps"
     message: str | None = None
     non_finite_in_a_row = state.non_finite_in_a_row
+    restart_low, restart_step = state.restart_low, state.restart_step
     step = state.step
     if run and best is not None:
         run.write_best({"step": best_step, "loss": state.best_loss} | state.best)
@@ -321,6 +339,7 @@ def optimize(
             step=step, seconds=time.perf_counter() - start, history=history,
             best=asdict(best) if best is not None else None, best_step=best_step, best_loss=best_loss,
             checked=[list(ids) for ids in checked], non_finite_in_a_row=non_finite_in_a_row,
+            incumbent=_incumbent_state(polisher), restart_low=restart_low, restart_step=restart_step,
         )
 
     # A resumed run that had already met its objective has nothing left to do.
@@ -373,6 +392,12 @@ def optimize(
                 candidates.append((draw.ids[i].tolist(), float(per_sample[i])))
         if step % config.eval.every == 0 or step == opt.steps:
             candidates.append((string.ids.tolist(), float(per_sample.min())))
+        if polisher is not None and step % search.polish_every == 0:
+            # The argmax prompt and the step's best sample compete with the incumbent first.
+            polisher.offer(torch.stack([string.ids, draw.ids[int(per_sample.argmin())]]))
+            found = polisher.polish()
+            if polisher.solved:
+                candidates.insert(0, (list(found.ids), found.loss))
         success = False
         n_checked = 0
         for ids, sample_loss in candidates:
@@ -384,6 +409,16 @@ def optimize(
         if success and config.eval.stop_on_success:
             reason = "success"
             break
+
+        # Restart from fresh logits when the lowest loss has not improved for a while.
+        if search.restart_patience:
+            low = float(per_sample.min())
+            if restart_low is None or low < restart_low:
+                restart_low, restart_step = low, step
+            elif step - restart_step >= search.restart_patience:
+                string.reinitialize(generator)
+                optimizer.state.clear()
+                restart_low, restart_step = None, step
 
         # Save a checkpoint every eval.checkpoint_every steps, then honour a stop request.
         every = config.eval.checkpoint_every

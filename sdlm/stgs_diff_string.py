@@ -163,7 +163,9 @@ class STGSDiffString(nn.Module):
         return logits  # (L, V)
 
     def _random_logits(self, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(length, self.vocab_size, generator=generator) * self.init_scale  # (L, V)
+        # Drawn on the generator's device, so a CUDA generator works too; returned on the CPU.
+        device = generator.device if generator is not None else None
+        return (torch.randn(length, self.vocab_size, generator=generator, device=device) * self.init_scale).cpu()  # (L, V)
 
     # -- sampling and decoding -------------------------------------------------------------
 
@@ -230,6 +232,12 @@ class STGSDiffString(nn.Module):
         if ids.dim() == 2:
             return [self.decode(row) for row in ids]
         return self.tokenizer.decode(ids.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @torch.no_grad()
+    def reinitialize(self, generator: torch.Generator | None = None) -> None:
+        """Draw fresh random logits N(0, init_scale^2) in place, keeping the length and the Parameter."""
+        fresh = self._random_logits(self.length, generator)
+        self.logits.copy_(fresh.to(self.logits.device, self.logits.dtype).unsqueeze(0))
 
     # -- length changes --------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from sdlm.config import (
     ObjectiveConfig,
     OptimizerConfig,
     PromptConfig,
+    SearchConfig,
     STGSConfig,
     TaskConfig,
     apply_overrides,
@@ -51,6 +52,7 @@ SECTIONS = {
     "task": TaskConfig,
     "optimizer": OptimizerConfig,
     "eval": EvalConfig,
+    "search": SearchConfig,
 }
 TOP_LEVEL = ["seed", "output_dir", "run_name"]
 BASE_YAML = "objective:\n  target: hello\n"

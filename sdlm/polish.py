@@ -1,0 +1,153 @@
+"""Discrete polish: a small gradient-guided search over single-token swaps of one prompt.
+
+The relaxed search often stalls one or two tokens short of a prompt that works, with logits
+so saturated that the Gumbel noise no longer changes the sample. The polish works on hard
+token ids instead. It keeps an incumbent prompt and, on each call:
+
+1. takes the gradient of the target loss through the incumbent's one-hot vectors, over the
+   target tokens up to and including the first one that greedy decoding gets wrong;
+2. draws `width` single-token swaps, each at a random position, to one of the `topk` tokens
+   whose gradient promises the largest decrease there;
+3. scores every swap in one batched teacher-forced forward pass and keeps the best one only
+   if it beats the incumbent.
+
+Prompts are ranked by `matched`, the number of leading target tokens that greedy decoding
+reproduces, then by the mean target loss. Under teacher forcing the argmax at target
+position t equals the greedy token whenever every earlier token was right, so `matched`
+is the greedy check's prefix length, computed for a whole batch in one pass; the loop
+still confirms a full match with real greedy generation before it reports success.
+
+Shapes: `B` candidate prompts, `L` prompt length, `T` target length, `V` vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sdlm.objectives import TargetObjective, token_losses
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One discrete prompt and its teacher-forced score on the target."""
+
+    ids: tuple[int, ...]
+    matched: int  # leading target tokens that greedy decoding reproduces
+    loss: float  # mean target token loss
+
+    @property
+    def key(self) -> tuple[int, float]:
+        # Greater is better.
+        return (self.matched, -self.loss)
+
+
+def matched_prefix(hits: torch.Tensor) -> torch.Tensor:
+    """Count the leading True values of each row of hits (B, T); returns (B,)."""
+    return hits.long().cumprod(-1).sum(-1)
+
+
+@torch.no_grad()
+def score_prompts(objective: TargetObjective, prompt_ids: torch.Tensor, chunk: int = 64) -> list[Scored]:
+    """Score prompt_ids (B, L) on the target by teacher forcing, `chunk` prompts per forward pass."""
+    scored: list[Scored] = []
+    for rows in prompt_ids.split(chunk):
+        logits = objective.teacher_forced_logits(rows)  # (b, T, V)
+        targets = objective.target_ids.expand(rows.shape[0], -1)  # (b, T)
+        losses = token_losses(logits, targets, objective.loss_type, objective.margin).mean(-1)  # (b,)
+        matched = matched_prefix(logits.argmax(-1) == targets)  # (b,)
+        scored += [Scored(tuple(r), m, l) for r, m, l in zip(rows.tolist(), matched.tolist(), losses.tolist())]
+    return scored
+
+
+def swap_candidates(
+    objective: TargetObjective,
+    incumbent: Scored,
+    allowed: torch.Tensor,
+    *,
+    width: int,
+    topk: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw `width` single-token swaps (B, L) of the incumbent, ranked by the one-hot gradient.
+
+    allowed: (V,) or (L, V) bool of the tokens each position may use.
+    """
+    model = objective.model
+    ids = torch.tensor(incumbent.ids, device=model.device)  # (L,)
+    L, V = ids.numel(), model.vocab_size
+    one_hot = F.one_hot(ids, V).to(model.dtype).unsqueeze(0).requires_grad_(True)  # (1, L, V)
+    with torch.enable_grad():
+        logits = objective.teacher_forced_logits(one_hot)  # (1, T, V)
+        # Only the target tokens up to the first wrong one: fix it, keep the earlier ones.
+        upto = min(incumbent.matched + 1, objective.target_length)
+        losses = token_losses(logits[:, :upto], objective.target_ids[:, :upto], objective.loss_type, objective.margin)
+        (grad,) = torch.autograd.grad(losses.mean(), one_hot)
+    grad = grad[0].float()  # (L, V)
+    grad = grad.masked_fill(~allowed.to(grad.device).expand(L, V), float("inf"))
+    grad[torch.arange(L), ids] = float("inf")  # a swap must change the token
+    k = min(topk, V)
+    top = (-grad).topk(k, dim=-1).indices  # (L, k)
+    usable = torch.isfinite(grad.gather(-1, top))  # (L, k): False where fewer than k tokens are allowed
+    positions = torch.randint(L, (width,), generator=generator, device=generator.device if generator else None)
+    choices = torch.randint(k, (width,), generator=generator, device=generator.device if generator else None)
+    positions, choices = positions.to(ids.device), choices.to(ids.device)
+    keep = usable[positions, choices]
+    positions, choices = positions[keep], choices[keep]
+    candidates = ids.repeat(positions.numel(), 1)  # (B, L)
+    candidates[torch.arange(positions.numel(), device=ids.device), positions] = top[positions, choices]
+    return torch.unique(candidates, dim=0)
+
+
+class Polisher:
+    """Keep an incumbent discrete prompt and improve it by gradient-ranked single-token swaps.
+
+    offer(): propose prompts from the relaxed search; the best becomes the incumbent when it
+    beats it. polish(): one round of swaps. Both return the incumbent.
+    """
+
+    def __init__(
+        self,
+        objective: TargetObjective,
+        allowed: torch.Tensor,
+        *,
+        width: int = 32,
+        topk: int = 16,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if width < 1 or topk < 1:
+            raise ValueError(f"width and topk must be >= 1, got {width} and {topk}")
+        self.objective = objective
+        self.allowed = allowed
+        self.width, self.topk = width, topk
+        self.generator = generator
+        self.incumbent: Scored | None = None
+
+    @property
+    def solved(self) -> bool:
+        return self.incumbent is not None and self.incumbent.matched == self.objective.target_length
+
+    def _take(self, scored: list[Scored]) -> Scored:
+        best = max(scored, key=lambda s: s.key)
+        if self.incumbent is None or best.key > self.incumbent.key:
+            self.incumbent = best
+        return self.incumbent
+
+    def offer(self, prompt_ids: torch.Tensor) -> Scored:
+        """Score prompt_ids (B, L) and keep the best of them and the incumbent."""
+        return self._take(score_prompts(self.objective, prompt_ids))
+
+    def polish(self) -> Scored:
+        """Try one round of swaps on the incumbent (offer() first); keep the best if it is better."""
+        if self.incumbent is None:
+            raise ValueError("offer() a prompt before polish()")
+        if self.solved:
+            return self.incumbent
+        candidates = swap_candidates(
+            self.objective, self.incumbent, self.allowed, width=self.width, topk=self.topk, generator=self.generator
+        )
+        if candidates.numel() == 0:
+            return self.incumbent
+        return self._take(score_prompts(self.objective, candidates))

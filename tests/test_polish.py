@@ -1,0 +1,118 @@
+"""The discrete polish: scoring by greedy prefix, gradient-ranked swaps, and its use in the loop."""
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, build_tiny_tokenizer
+from sdlm import STGSDiffModel
+from sdlm.config import Config, ConfigError, EvalConfig, ObjectiveConfig, OptimizerConfig, PromptConfig, SearchConfig
+from sdlm.objectives import TargetObjective, greedy_generate
+from sdlm.optimize import optimize
+from sdlm.polish import Polisher, matched_prefix, score_prompts, swap_candidates
+
+
+@pytest.fixture(scope="module")
+def tiny_dm():
+    tok = build_tiny_tokenizer()
+    return STGSDiffModel(build_tiny_model("llama", len(tok)), tok)
+
+
+def test_matched_prefix_counts_leading_hits():
+    hits = torch.tensor([[True, True, False, True], [False, True, True, True], [True, True, True, True]])
+    assert matched_prefix(hits).tolist() == [2, 0, 4]
+
+
+def test_score_matches_greedy_prefix(tiny_dm):
+    prompts = torch.tensor([[10, 20, 30, 40], [50, 60, 70, 80], [90, 100, 110, 120]])
+    target = greedy_generate(tiny_dm, prompts[0].tolist(), 5)
+    objective = TargetObjective(tiny_dm, target)
+    scored = score_prompts(objective, prompts, chunk=2)
+    for row, result in zip(prompts.tolist(), scored):
+        output = greedy_generate(tiny_dm, row, 5)
+        expected = next((i for i, (a, b) in enumerate(zip(output, target)) if a != b), len(target))
+        assert result.ids == tuple(row)
+        assert result.matched == expected
+    assert scored[0].matched == 5
+
+
+def test_swaps_change_one_allowed_token(tiny_dm):
+    objective = TargetObjective(tiny_dm, [5, 6, 7])
+    allowed = torch.zeros(tiny_dm.vocab_size, dtype=torch.bool)
+    allowed[100:140] = True
+    start = score_prompts(objective, torch.tensor([[100, 101, 102, 103]]))[0]
+    generator = torch.Generator().manual_seed(0)
+    candidates = swap_candidates(objective, start, allowed, width=64, topk=8, generator=generator)
+    assert candidates.shape[1] == 4 and 1 <= candidates.shape[0] <= 64
+    assert len({tuple(row) for row in candidates.tolist()}) == candidates.shape[0]
+    changed = candidates != torch.tensor([100, 101, 102, 103])
+    assert (changed.sum(-1) == 1).all()
+    assert allowed[candidates].all()
+
+
+def test_polish_repairs_one_wrong_token(tiny_dm):
+    # A target reachable from a known prompt; the search starts one token away from it.
+    solution = [120, 121, 122, 123]
+    target = greedy_generate(tiny_dm, solution, 3)
+    objective = TargetObjective(tiny_dm, target)
+    allowed = torch.zeros(tiny_dm.vocab_size, dtype=torch.bool)
+    allowed[100:130] = True
+    # The first single-token change within the allowed range that breaks the output.
+    broken = next(
+        prompt for pos in range(4) for t in range(100, 130)
+        if greedy_generate(tiny_dm, prompt := solution[:pos] + [t] + solution[pos + 1:], 3) != target
+    )
+    polisher = Polisher(objective, allowed, width=64, topk=30, generator=torch.Generator().manual_seed(0))
+    start = polisher.offer(torch.tensor([broken]))
+    assert start.matched < len(target)
+    for _ in range(4):
+        found = polisher.polish()
+    assert found.key >= start.key
+    assert polisher.solved
+    assert greedy_generate(tiny_dm, list(found.ids), len(target)) == target
+
+
+def test_polish_never_makes_the_incumbent_worse(tiny_dm):
+    objective = TargetObjective(tiny_dm, [5, 6, 7, 8, 9])
+    polisher = Polisher(objective, torch.ones(tiny_dm.vocab_size, dtype=torch.bool), width=8, topk=4)
+    keys = [polisher.offer(torch.tensor([[30, 31, 32]])).key]
+    for _ in range(5):
+        keys.append(polisher.polish().key)
+    assert keys == sorted(keys)
+
+
+def test_polish_needs_an_offer_first(tiny_dm):
+    polisher = Polisher(TargetObjective(tiny_dm, [5]), torch.ones(tiny_dm.vocab_size, dtype=torch.bool))
+    with pytest.raises(ValueError, match="offer"):
+        polisher.polish()
+
+
+def test_loop_with_polish_and_restarts_finds_a_reachable_target(tiny_dm):
+    target = greedy_generate(tiny_dm, tiny_dm.tokenizer.encode("hello world"), 3)
+    config = Config(
+        prompt=PromptConfig(length=3, samples=2),
+        objective=ObjectiveConfig(target_ids=target),
+        optimizer=OptimizerConfig(steps=60),
+        eval=EvalConfig(every=5),
+        search=SearchConfig(polish_every=1, polish_width=64, restart_patience=5),
+    )
+    result = optimize(config, model=tiny_dm)
+    assert result.success
+    assert greedy_generate(tiny_dm, result.best.prompt_ids, len(target)) == target
+
+
+def test_restart_draws_fresh_logits_and_keeps_the_parameter(tiny_dm):
+    config = Config(
+        prompt=PromptConfig(length=3, samples=1),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
+        optimizer=OptimizerConfig(steps=12, lr=1e-6),  # too small to lower the loss: restarts fire
+        search=SearchConfig(restart_patience=2),
+    )
+    seen = []
+    result = optimize(config, model=tiny_dm, on_event=lambda e: seen.append(e.prompt_text) if hasattr(e, "prompt_text") else None)
+    assert result.steps == 12
+    assert len(set(seen)) > 2  # the argmax prompt changed with each restart
+
+
+def test_polish_needs_a_target():
+    with pytest.raises(ConfigError, match="search.polish_every"):
+        Config(keywords={"require": ["cat"]}, search=SearchConfig(polish_every=5))
