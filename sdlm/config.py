@@ -17,7 +17,7 @@ Example::
     >>> OptimizerConfig(lr=-1)
     Traceback (most recent call last):
     ...
-    sdlm.config_fields.ConfigError: optimizer.lr: expected a number > 0, got -1 (set optimizer.lr to a number > 0, such as 0.3)
+    sdlm.config_fields.ConfigError: optimizer.lr: expected a number > 0, got -1 (set optimizer.lr to a number > 0, such as 1.0)
 
 This module must not import torch, because the CLI imports it to validate configs quickly.
 """
@@ -179,7 +179,7 @@ class PromptConfig(_Validated):
         "decode to printable ASCII).",
     )
     samples: int = _option(
-        4, help="Gumbel samples drawn per step as one batch. The loss averages over them.", ge=1
+        1, help="Gumbel samples drawn per step as one batch. The loss averages over them.", ge=1
     )
     chat: ChatRole = _option(
         "none",
@@ -315,7 +315,7 @@ class OptimizerConfig(_Validated):
     _prefix: ClassVar[str] = "optimizer"
 
     name: OptimizerName = _option("adam", help="Optimizer from torch.optim: adam, adamw or sgd.")
-    lr: float = _option(0.3, help="Learning rate.", gt=0)
+    lr: float = _option(1.0, help="Learning rate.", gt=0)
     steps: int = _option(300, help="Maximum number of optimization steps.", ge=1)
     grad_clip: float | None = _option(
         None, help="Maximum gradient norm, or null for no clipping.", gt=0, example=1.0
@@ -378,9 +378,10 @@ class SearchConfig(_Validated):
         16, help="Tokens per position the swaps choose from, ranked by the one-hot gradient.", ge=1
     )
     restart_patience: int = _option(
-        0,
-        help="Steps without a new lowest loss after which the prompt's logits are drawn afresh "
-        "and the optimizer state is reset; the best prompt seen is kept. 0 never restarts.",
+        25,
+        help="Steps without a new lowest loss after which the prompt restarts: its logits go "
+        "back to prompt.init_text, or are drawn afresh for a random prompt, and the optimizer "
+        "state is reset. The best prompt seen is kept. 0 never restarts.",
         ge=0,
     )
 
@@ -1006,7 +1007,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "quickstart": {
         "prompt": {"length": 10},
         "objective": {"target": "\n\nThe ancient ones, who had been watching", "mode": "teacher_forcing"},
-        "optimizer": {"lr": 0.3, "steps": 300},
+        "optimizer": {"lr": 1.0, "steps": 300},
         "eval": {"every": 10},
         "seed": 0,
     },

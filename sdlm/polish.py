@@ -12,9 +12,9 @@ token ids instead. It keeps an incumbent prompt and, on each call:
    if it beats the incumbent.
 
 Prompts are ranked by `matched`, the number of leading target tokens that greedy decoding
-reproduces, then by the mean target loss. Under teacher forcing the argmax at target
-position t equals the greedy token whenever every earlier token was right, so `matched`
-is the greedy check's prefix length, computed for a whole batch in one pass; the loop
+reproduces, then by the mean target loss. Under teacher forcing, the argmax at target
+position t equals the greedy token whenever every earlier token was right. So `matched` is
+the prefix length of the greedy check, computed for a whole batch in one pass. The loop
 still confirms a full match with real greedy generation before it reports success.
 
 Shapes: `B` candidate prompts, `L` prompt length, `T` target length, `V` vocabulary.
@@ -81,13 +81,14 @@ def swap_candidates(
     one_hot = F.one_hot(ids, V).to(model.dtype).unsqueeze(0).requires_grad_(True)  # (1, L, V)
     with torch.enable_grad():
         logits = objective.teacher_forced_logits(one_hot)  # (1, T, V)
-        # Only the target tokens up to the first wrong one: fix it, keep the earlier ones.
+        # The loss covers the target tokens up to the first wrong one, so the swaps aim to fix
+        # that token while keeping the earlier ones right.
         upto = min(incumbent.matched + 1, objective.target_length)
         losses = token_losses(logits[:, :upto], objective.target_ids[:, :upto], objective.loss_type, objective.margin)
         (grad,) = torch.autograd.grad(losses.mean(), one_hot)
     grad = grad[0].float()  # (L, V)
     grad = grad.masked_fill(~allowed.to(grad.device).expand(L, V), float("inf"))
-    grad[torch.arange(L), ids] = float("inf")  # a swap must change the token
+    grad[torch.arange(L), ids] = float("inf")  # A swap must change the token.
     k = min(topk, V)
     top = (-grad).topk(k, dim=-1).indices  # (L, k)
     usable = torch.isfinite(grad.gather(-1, top))  # (L, k): False where fewer than k tokens are allowed

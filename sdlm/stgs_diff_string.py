@@ -144,11 +144,14 @@ class STGSDiffString(nn.Module):
             init_ids = tokenizer.encode(init_text, add_special_tokens=False)
             if not init_ids:
                 raise ValueError(f"init_text {init_text!r} encodes to no tokens; give non-empty text or a length")
+        # The ids of a text or id initialisation, which reinitialize() returns to.
+        self.init_ids: list[int] | None = None
         if init_ids is not None:
             init_ids = torch.as_tensor(init_ids, dtype=torch.long).reshape(-1)
             if init_ids.numel() == 0 or init_ids.min() < 0 or init_ids.max() >= self.vocab_size:
                 raise ValueError(f"init_ids must be a non-empty list of ids in [0, {self.vocab_size})")
             logits = self._text_logits(init_ids)
+            self.init_ids = init_ids.tolist()
         else:
             if int(length) < 1:
                 raise ValueError(f"length must be >= 1, got {length!r}")
@@ -235,8 +238,12 @@ class STGSDiffString(nn.Module):
 
     @torch.no_grad()
     def reinitialize(self, generator: torch.Generator | None = None) -> None:
-        """Draw fresh random logits N(0, init_scale^2) in place, keeping the length and the Parameter."""
-        fresh = self._random_logits(self.length, generator)
+        """Reset the logits in place, keeping the Parameter: back to the initial text or ids when
+        the string was made from them and its length has not changed, else fresh N(0, init_scale^2)."""
+        if self.init_ids is not None and len(self.init_ids) == self.length:
+            fresh = self._text_logits(torch.tensor(self.init_ids))
+        else:
+            fresh = self._random_logits(self.length, generator)
         self.logits.copy_(fresh.to(self.logits.device, self.logits.dtype).unsqueeze(0))
 
     # -- length changes --------------------------------------------------------------------

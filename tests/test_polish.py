@@ -116,3 +116,18 @@ def test_restart_draws_fresh_logits_and_keeps_the_parameter(tiny_dm):
 def test_polish_needs_a_target():
     with pytest.raises(ConfigError, match="search.polish_every"):
         Config(keywords={"require": ["cat"]}, search=SearchConfig(polish_every=5))
+
+
+def test_restart_returns_to_the_initial_text(tiny_dm):
+    from sdlm.stgs_diff_string import STGSDiffString
+
+    string = STGSDiffString(tiny_dm.tokenizer, init_text="hello world", init_scale=5.0, vocab_size=tiny_dm.vocab_size)
+    start = string.logits.detach().clone()
+    with torch.no_grad():
+        string.logits.add_(torch.randn_like(string.logits))
+    parameter = string.logits
+
+    string.reinitialize(torch.Generator().manual_seed(0))
+
+    assert string.logits is parameter
+    assert torch.equal(string.logits.detach(), start)
