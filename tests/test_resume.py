@@ -10,7 +10,7 @@ import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 from sdlm import STGSDiffModel
 from sdlm.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
-from sdlm.config import Config, EvalConfig, ObjectiveConfig, OptimizerConfig, PromptConfig, STGSConfig
+from sdlm.config import Config, EvalConfig, ObjectiveConfig, OptimizerConfig, PromptConfig, SearchConfig, STGSConfig
 from sdlm.optimize import EvalEvent, optimize
 from sdlm.runs import RunDirectory
 
@@ -21,13 +21,14 @@ def tiny_dm():
     return STGSDiffModel(build_tiny_model("llama", len(tokenizer)), tokenizer)
 
 
-def trajectory_config(steps: int, **stgs) -> Config:
+def trajectory_config(steps: int, search: dict | None = None, **stgs) -> Config:
     return Config(
         prompt=PromptConfig(length=4, samples=2),
         stgs=STGSConfig(**stgs),
         objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
         optimizer=OptimizerConfig(steps=steps, lr=0.3),
         eval=EvalConfig(every=3, stop_on_success=False, checkpoint_every=4),
+        search=SearchConfig(**(search or {})),
         seed=7,
     )
 
@@ -48,12 +49,18 @@ def evals(events) -> list[tuple[int, list[int], bool]]:
 
 
 @pytest.mark.parametrize(
-    "stgs", [{}, {"learnable_temperature": "scalar"}, {"learnable_temperature": "per_position"}],
-    ids=["fixed-temperature", "scalar-temperature", "per-position-temperature"],
+    "stgs, search",
+    [
+        ({}, None),
+        ({"learnable_temperature": "scalar"}, None),
+        ({"learnable_temperature": "per_position"}, None),
+        ({}, {"polish_every": 2, "polish_width": 8, "restart_patience": 2}),
+    ],
+    ids=["fixed-temperature", "scalar-temperature", "per-position-temperature", "polish-and-restarts"],
 )
-def test_resume_matches_uninterrupted_run(tiny_dm, tmp_path, stgs):
+def test_resume_matches_uninterrupted_run(tiny_dm, tmp_path, stgs, search):
     steps, stop_at = 12, 5
-    config = trajectory_config(steps, **stgs)
+    config = trajectory_config(steps, search, **stgs)
     straight_events: list = []
     straight = optimize(config, model=tiny_dm, run=RunDirectory.create(tmp_path, "straight"), on_event=straight_events.append)
 
