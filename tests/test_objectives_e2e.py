@@ -63,3 +63,21 @@ def test_task_config_reaches_full_training_accuracy(embedded):
     assert report["train_accuracy_after"] == 1.0
     assert report["heldout_accuracy_before"] is not None
     assert report["heldout_accuracy_after"] is not None
+
+
+def test_chat_config_succeeds(embedded):
+    result = run("chat.yaml", embedded)
+
+    assert result.success
+    assert result.best.output_text == "The capital of France is Paris."
+
+
+def test_constraints_config_keeps_its_constraints(embedded):
+    result = run("constraints.yaml", embedded)
+    tokenizer = embedded.tokenizer
+    ids = result.best.prompt_ids
+
+    assert result.success
+    assert ids[:2] == tokenizer.encode("Once upon", add_special_tokens=False)
+    assert tokenizer.decode(ids[9:]).strip().isalpha()
+    assert "ancient" not in result.best.prompt_text
