@@ -6,11 +6,13 @@ the run's plumbing rather than its success. Times are in each config's header co
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from sdlm.config import load_config
+from sdlm.objectives import greedy_generate
 from sdlm.optimize import load_diff_model, optimize
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -81,3 +83,16 @@ def test_constraints_config_keeps_its_constraints(embedded):
     assert ids[:2] == tokenizer.encode("Once upon", add_special_tokens=False)
     assert tokenizer.decode(ids[9:]).strip().isalpha()
     assert "ancient" not in result.best.prompt_text
+
+
+def test_ensemble_of_float32_and_bfloat16_models(embedded):
+    # The same weights in two precisions are two real models with one vocabulary: the prompt
+    # must reproduce the target under both.
+    config = load_config(CONFIGS / "quickstart.yaml")
+    bfloat16 = load_diff_model(dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16")))
+    result = optimize(config, model=embedded, ensemble=[bfloat16])
+    target = embedded.tokenizer.encode(config.objective.target, add_special_tokens=False)
+
+    assert result.success
+    assert greedy_generate(embedded, result.best.prompt_ids, len(target)) == target
+    assert greedy_generate(bfloat16, result.best.prompt_ids, len(target)) == target
