@@ -169,7 +169,15 @@ def _open_run(config, config_path: Path, *, force: bool, resume_dir: Path | None
     from sdlm.runs import RunDirectory, RunDirectoryError, default_run_name
 
     if resume_dir is not None:
-        return RunDirectory(resume_dir), load_checkpoint(resume_dir), True
+        checkpoint = load_checkpoint(resume_dir)
+        done = bool((checkpoint.state.best or {}).get("success")) and config.eval.stop_on_success
+        if not done and config.optimizer.steps <= checkpoint.state.step:
+            raise CommandError(
+                f"--resume {resume_dir}: the checkpoint is at step {checkpoint.state.step} and "
+                f"optimizer.steps is {config.optimizer.steps}, so no step is left to run; "
+                f"give --steps above {checkpoint.state.step}"
+            )
+        return RunDirectory(resume_dir), checkpoint, True
 
     # An explicit run_name must be new unless --force. A derived name gets a -2, -3 ... suffix.
     explicit = config.run_name is not None

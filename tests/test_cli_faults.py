@@ -489,6 +489,19 @@ def test_resume_rejects_bad_arguments(tiny, tmp_path, args, parts):
     assert_one_line_error(result, *parts)
 
 
+@pytest.mark.parametrize("steps", [("--steps", "3"), ("--steps", "4"), ()], ids=["fewer", "same", "unchanged"])
+def test_resume_with_no_step_left_rejected(tiny, tmp_path, steps):
+    config = write_config(tmp_path / "c.yaml", **base_config(optimizer={"steps": 4}, run_name="r"))
+    assert invoke("optimize", config, "-q").exit_code == ExitCode.OBJECTIVE_NOT_MET
+    run_dir = tmp_path / "runs" / "r"
+    saved = (run_dir / "config.yaml").read_text()
+
+    result = invoke("optimize", "--resume", run_dir, *steps)
+
+    assert_one_line_error(result, "the checkpoint is at step 4", "give --steps above 4")
+    assert (run_dir / "config.yaml").read_text() == saved
+
+
 def test_resume_without_checkpoint_rejected(tiny, tmp_path):
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
