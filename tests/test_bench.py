@@ -293,3 +293,50 @@ def test_load_reports_round_trip(tmp_path):
     assert [r.method for r in reports] == ["sdlm", "gcg"]
     assert reports[0].results == _reports()[0].results
     assert reports[0].peak_memory_mb == 100.0
+
+
+# -- benchmarks/sweep.py -----------------------------------------------------------------
+
+
+def _sweep_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_splits_variants_at_double_dash():
+    sweep = _sweep_module()
+
+    assert sweep.split_variants(["t.json", "--limit", "2"]) == (["t.json", "--limit", "2"], [[]])
+    assert sweep.split_variants(["t.json", "--", "a=1", "b=2", "--", "c=3"]) == (["t.json"], [["a=1", "b=2"], ["c=3"]])
+
+
+@pytest.mark.parametrize(
+    "variants, message",
+    [
+        (["--", "prompt.samples=1", "--", "search.polsh_every=2"], "did you mean 'search.polish_every'"),
+        (["--", "model.spec=smollm2", "--", "model.spec=other"], "different models"),
+    ],
+    ids=["typo-in-second-variant", "two-models"],
+)
+def test_sweep_rejects_bad_variants_before_running(tmp_path, capsys, variants, message):
+    targets = tmp_path / "t.jsonl"
+    targets.write_text('"hello"\n')
+
+    code = _sweep_module().main([str(targets), "--output", str(tmp_path / "out"), *variants])
+
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_rejects_missing_targets(tmp_path, capsys):
+    code = _sweep_module().main([str(tmp_path / "nope.json")])
+
+    assert code == 2
+    assert "not found" in capsys.readouterr().err
