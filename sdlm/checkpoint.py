@@ -59,9 +59,10 @@ class LoopState:
     non_finite_in_a_row: int = 0
     # The discrete polish's incumbent as [ids, matched, loss], or None.
     incumbent: list[Any] | None = None
-    # Restarts: the lowest loss since the last restart, and the step it was reached.
+    # Restarts: the lowest loss since the last restart, the step it was reached, and the count.
     restart_low: float | None = None
     restart_step: int = 0
+    restarts: int = 0
 
 
 @dataclass

@@ -64,7 +64,9 @@ class RunStarted:
 class StepEvent:
     """One optimizer step. loss: mean over samples; best_sample_loss: min over samples;
     accuracy: best teacher-forced token accuracy among samples (None in generation mode);
-    terms: each scored term's unweighted loss, mean over samples."""
+    terms: each scored term's unweighted loss, mean over samples. restarts: restarts so far,
+    counting one made after this step. polish_matched: on polish steps, the leading target
+    tokens that the polish's incumbent prompt gets right, else None."""
 
     kind = "step"
     step: int
@@ -77,6 +79,8 @@ class StepEvent:
     elapsed: float
     skipped: bool = False
     terms: dict[str, float] = field(default_factory=dict)
+    restarts: int = 0
+    polish_matched: int | None = None
 
 
 @dataclass
@@ -316,7 +320,7 @@ def optimize(
     reason: StopReason = "max_steps"
     message: str | None = None
     non_finite_in_a_row = state.non_finite_in_a_row
-    restart_low, restart_step = state.restart_low, state.restart_step
+    restart_low, restart_step, restarts = state.restart_low, state.restart_step, state.restarts
     step = state.step
     if run and best is not None:
         run.write_best({"step": best_step, "loss": state.best_loss} | state.best)
@@ -340,6 +344,7 @@ def optimize(
             best=asdict(best) if best is not None else None, best_step=best_step, best_loss=best_loss,
             checked=[list(ids) for ids in checked], non_finite_in_a_row=non_finite_in_a_row,
             incumbent=_incumbent_state(polisher), restart_low=restart_low, restart_step=restart_step,
+            restarts=restarts,
         )
 
     # A resumed run that had already met its objective has nothing left to do.
@@ -365,12 +370,32 @@ def optimize(
         loss_value = float(loss.detach())
         history.append(loss_value)
         tau = float(draw.temperature.detach().float().mean())
+
+        # Polish the incumbent, and decide on a restart, before the event that reports both.
+        polished: Scored | None = None
+        polish_improved = False
+        if polisher is not None and step % search.polish_every == 0:
+            before = polisher.incumbent
+            # The argmax prompt and the step's best sample compete with the incumbent first.
+            polisher.offer(torch.stack([string.ids, draw.ids[int(per_sample.argmin())]]))
+            polished = polisher.polish()
+            polish_improved = polished != before
+        restart = False
+        if search.restart_patience:
+            low = float(per_sample.min())
+            if restart_low is None or low < restart_low:
+                restart_low, restart_step = low, step
+            elif step - restart_step >= search.restart_patience:
+                restart = True
+                restarts += 1
+
         event = StepEvent(
             step=step, steps=opt.steps, loss=loss_value, best_sample_loss=float(per_sample.min()),
             accuracy=None if scored.accuracy is None else float(scored.accuracy.max()),
             temperature=tau, prompt_text=string.text, elapsed=time.perf_counter() - start,
             skipped=non_finite is not None,
             terms={name: float(value.mean()) for name, value in scored.terms.items()},
+            restarts=restarts, polish_matched=None if polished is None else polished.matched,
         )
         if run:
             run.append_metrics({k: v for k, v in asdict(event).items() if k != "prompt_text"})
@@ -392,12 +417,9 @@ def optimize(
                 candidates.append((draw.ids[i].tolist(), float(per_sample[i])))
         if step % config.eval.every == 0 or step == opt.steps:
             candidates.append((string.ids.tolist(), float(per_sample.min())))
-        if polisher is not None and step % search.polish_every == 0:
-            # The argmax prompt and the step's best sample compete with the incumbent first.
-            polisher.offer(torch.stack([string.ids, draw.ids[int(per_sample.argmin())]]))
-            found = polisher.polish()
-            if polisher.solved:
-                candidates.insert(0, (list(found.ids), found.loss))
+        if polished is not None and polish_improved:
+            # A better incumbent goes to the greedy check, so the best prompt reflects it.
+            candidates.insert(0, (list(polished.ids), polished.loss))
         success = False
         n_checked = 0
         for ids, sample_loss in candidates:
@@ -410,15 +432,11 @@ def optimize(
             reason = "success"
             break
 
-        # Restart from fresh logits when the lowest loss has not improved for a while.
-        if search.restart_patience:
-            low = float(per_sample.min())
-            if restart_low is None or low < restart_low:
-                restart_low, restart_step = low, step
-            elif step - restart_step >= search.restart_patience:
-                string.reinitialize(generator)
-                optimizer.state.clear()
-                restart_low, restart_step = None, step
+        # Restart when the lowest loss has not improved for search.restart_patience steps.
+        if restart:
+            string.reinitialize(generator)
+            optimizer.state.clear()
+            restart_low, restart_step = None, step
 
         # Save a checkpoint every eval.checkpoint_every steps, then honour a stop request.
         every = config.eval.checkpoint_every

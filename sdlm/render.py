@@ -118,8 +118,10 @@ def round_trip(check: CheckResult) -> str:
     """Describe whether the prompt survives decode -> re-encode, and whether its text works."""
     if check.text_ids_same:
         return "ok (the text re-encodes to the same ids)"
-    works = "also meets" if check.text_success else "does not meet"
-    return f"changed: the text re-encodes to other ids, which {works} the objective"
+    if check.text_success:
+        return "changed: the text re-encodes to other ids, and the pasted text meets the objective too"
+    ids = " (the token ids do)" if check.success else ""
+    return f"changed: the text re-encodes to other ids, and the pasted text does not meet the objective{ids}"
 
 
 def summary_rows(result: OptimizeResult) -> list[tuple[str, str]]:
@@ -188,10 +190,14 @@ class _SteppedRenderer(Renderer):
     def __init__(self, interval: float, clock: Callable[[], float]) -> None:
         self._limiter = RateLimiter(interval, clock)
         self._pending: StepEvent | None = None
+        self._pending_restarts: int | None = None
 
     def handle(self, event: Event) -> None:
         if isinstance(event, StepEvent):
-            last = event.step in (1, event.steps)
+            # The first and last steps, and the step of each restart, are always written.
+            restarted = self._pending_restarts is not None and event.restarts > self._pending_restarts
+            last = event.step in (1, event.steps) or restarted
+            self._pending_restarts = event.restarts
             if self._limiter.allow(force=last):
                 self._pending = None
                 self.write_step(event)
@@ -251,10 +257,15 @@ class PlainRenderer(_SteppedRenderer):
         rate, remaining = step_rate(event)
         accuracy = "" if event.accuracy is None else f"  accuracy {event.accuracy:.2f}"
         skipped = "  (update skipped: non-finite loss or gradient)" if event.skipped else ""
+        search = ""
+        if event.restarts:
+            search += f"  restarts {event.restarts}"
+        if event.polish_matched is not None:
+            search += f"  polish {event.polish_matched} target tokens right"
         self._line(
             f"step {event.step}/{event.steps}  loss {event.loss:.4f}  best sample {event.best_sample_loss:.4f}"
             f"{accuracy}  temperature {event.temperature:.3g}  {rate:.2f} step/s  ETA {format_duration(remaining)}"
-            f"  prompt {quote(event.prompt_text)}{skipped}"
+            f"{search}  prompt {quote(event.prompt_text)}{skipped}"
         )
 
     def write_other(self, event: Event) -> None:
@@ -347,12 +358,15 @@ class LiveRenderer(Renderer):
     @staticmethod
     def _step_fields(step: StepEvent) -> list[str]:
         rate, remaining = step_rate(step)
-        return [
+        fields = [
             f"loss {step.loss:.4f}",
             f"τ {step.temperature:.3g}",
             f"{rate:.2f} step/s",
             f"ETA {format_duration(remaining)}",
         ]
+        if step.restarts:
+            fields.append(f"restarts {step.restarts}")
+        return fields
 
     @staticmethod
     def _summary_table(result: OptimizeResult) -> Table:

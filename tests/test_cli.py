@@ -486,6 +486,28 @@ def test_plain_renderer_limits_step_lines():
     assert steps_written == ["1/10", "5/10", "9/10", "10/10"]
 
 
+def test_plain_renderer_writes_each_restart_step():
+    lines: list[str] = []
+
+    class Sink:
+        write = lines.append
+
+        def flush(self) -> None:
+            pass
+
+    clock = FakeClock()
+    renderer = PlainRenderer(Sink(), interval=100.0, clock=clock)
+    for step in range(1, 11):
+        clock.now = step * 0.5
+        event = step_event(step, steps=10)
+        event.restarts = 1 if step >= 4 else 0
+        renderer.handle(event)
+    step_lines = [line for line in lines if line.startswith("step ")]
+
+    assert [line.split()[1] for line in step_lines] == ["1/10", "4/10", "10/10"]
+    assert "restarts 1" in step_lines[1]
+
+
 def test_json_renderer_writes_null_for_nan(capsys):
     renderer = JsonRenderer(sys.stdout)
     event = step_event(1)
@@ -622,3 +644,25 @@ def test_generate_greedy_with_noise_scale_rejected():
     result = CliRunner().invoke(app, ["generate", "--prompt", "hi", "--greedy", "--noise-scale", "2"])
     assert result.exit_code == 2
     assert "--greedy sets the noise scale to 0" in result.output
+
+
+@pytest.mark.parametrize(
+    "same, success, text_success, expected",
+    [
+        (True, True, True, "ok (the text re-encodes to the same ids)"),
+        (False, True, True, "changed: the text re-encodes to other ids, and the pasted text meets the objective too"),
+        (False, True, False, "changed: the text re-encodes to other ids, and the pasted text does not meet the objective (the token ids do)"),
+        (False, False, False, "changed: the text re-encodes to other ids, and the pasted text does not meet the objective"),
+    ],
+    ids=["same", "text-works", "only-ids-work", "neither-works"],
+)
+def test_round_trip_wording(same, success, text_success, expected):
+    from sdlm.objectives import CheckResult
+    from sdlm.render import round_trip
+
+    check = CheckResult(
+        success=success, prompt_ids=[1], prompt_text="p", output_ids=[2], output_text="o", token_accuracy=1.0,
+        lcs_ratio=1.0, text_ids_same=same, text_success=text_success,
+    )
+
+    assert round_trip(check) == expected

@@ -7,7 +7,7 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 from sdlm import STGSDiffModel
 from sdlm.config import Config, ConfigError, EvalConfig, ObjectiveConfig, OptimizerConfig, PromptConfig, SearchConfig
 from sdlm.objectives import TargetObjective, greedy_generate
-from sdlm.optimize import optimize
+from sdlm.optimize import StepEvent, optimize
 from sdlm.polish import Polisher, matched_prefix, score_prompts, swap_candidates
 
 
@@ -42,7 +42,8 @@ def test_swaps_change_one_allowed_token(tiny_dm):
     start = score_prompts(objective, torch.tensor([[100, 101, 102, 103]]))[0]
     generator = torch.Generator().manual_seed(0)
     candidates = swap_candidates(objective, start, allowed, width=64, topk=8, generator=generator)
-    assert candidates.shape[1] == 4 and 1 <= candidates.shape[0] <= 64
+    assert candidates.shape[1] == 4
+    assert 1 <= candidates.shape[0] <= 64
     assert len({tuple(row) for row in candidates.tolist()}) == candidates.shape[0]
     changed = candidates != torch.tensor([100, 101, 102, 103])
     assert (changed.sum(-1) == 1).all()
@@ -100,17 +101,35 @@ def test_loop_with_polish_and_restarts_finds_a_reachable_target(tiny_dm):
     assert greedy_generate(tiny_dm, result.best.prompt_ids, len(target)) == target
 
 
-def test_restart_draws_fresh_logits_and_keeps_the_parameter(tiny_dm):
+def test_restarts_counted_in_step_events(tiny_dm):
     config = Config(
         prompt=PromptConfig(length=3, samples=1),
         objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
         optimizer=OptimizerConfig(steps=12, lr=1e-6),  # too small to lower the loss: restarts fire
         search=SearchConfig(restart_patience=2),
     )
-    seen = []
-    result = optimize(config, model=tiny_dm, on_event=lambda e: seen.append(e.prompt_text) if hasattr(e, "prompt_text") else None)
+    steps = []
+    result = optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
+    counts = [e.restarts for e in steps]
+
     assert result.steps == 12
-    assert len(set(seen)) > 2  # the argmax prompt changed with each restart
+    assert counts == sorted(counts)
+    assert counts[-1] >= 2
+    # The argmax prompt changes after each restart.
+    assert len({e.prompt_text for e in steps}) > 2
+
+
+def test_polish_steps_report_the_incumbent(tiny_dm):
+    config = Config(
+        prompt=PromptConfig(length=3, samples=1),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
+        optimizer=OptimizerConfig(steps=6),
+        search=SearchConfig(polish_every=3, polish_width=8),
+    )
+    steps = []
+    optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
+
+    assert [e.polish_matched is not None for e in steps] == [False, False, True, False, False, True]
 
 
 def test_polish_needs_a_target():
