@@ -362,7 +362,7 @@ class EvalConfig(_Validated):
 
 @dataclass
 class SearchConfig(_Validated):
-    """Search aids on top of the relaxed gradient steps, for the target objective."""
+    """Search aids on top of the relaxed gradient steps: restarts, and a discrete polish of the target."""
 
     _prefix: ClassVar[str] = "search"
 

@@ -190,14 +190,14 @@ class _SteppedRenderer(Renderer):
     def __init__(self, interval: float, clock: Callable[[], float]) -> None:
         self._limiter = RateLimiter(interval, clock)
         self._pending: StepEvent | None = None
-        self._pending_restarts: int | None = None
+        self._restarts_seen: int | None = None
 
     def handle(self, event: Event) -> None:
         if isinstance(event, StepEvent):
             # The first and last steps, and the step of each restart, are always written.
-            restarted = self._pending_restarts is not None and event.restarts > self._pending_restarts
+            restarted = self._restarts_seen is not None and event.restarts > self._restarts_seen
             last = event.step in (1, event.steps) or restarted
-            self._pending_restarts = event.restarts
+            self._restarts_seen = event.restarts
             if self._limiter.allow(force=last):
                 self._pending = None
                 self.write_step(event)

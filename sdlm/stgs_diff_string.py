@@ -166,7 +166,8 @@ class STGSDiffString(nn.Module):
         return logits  # (L, V)
 
     def _random_logits(self, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        # Drawn on the generator's device, so a CUDA generator works too; returned on the CPU.
+        # Drawn on the generator's device and returned on the CPU.
+        # NOTE: a CUDA generator takes this path too, which no test here runs (no GPU).
         device = generator.device if generator is not None else None
         return (torch.randn(length, self.vocab_size, generator=generator, device=device) * self.init_scale).cpu()  # (L, V)
 
