@@ -257,8 +257,6 @@ class STGS(nn.Module):
 
         # Work in float32 so float16/bfloat16 inputs, large logits and tiny tau stay finite.
         logits32 = normalize_logits(logits.float(), self.normalize, mask)
-        if mask is not None:
-            logits32 = logits32.masked_fill(~mask.to(logits.device), float("-inf"))
 
         # Perturb with Gumbel noise; noise_scale 0 skips the draw and gives plain softmax/argmax.
         if noise_scale > 0:
@@ -266,7 +264,14 @@ class STGS(nn.Module):
             perturbed = logits32 + noise_scale * noise
         else:
             perturbed = logits32
-        y_soft = torch.softmax(perturbed / tau, dim=-1)  # (B, L, V)
+        scaled = perturbed / tau
+        # Mask after dividing by tau: a -inf before it would give a learnable tau the gradient
+        # -inf * 0 = nan from every masked token.
+        if mask is not None:
+            allowed = mask.to(logits.device)
+            perturbed = perturbed.masked_fill(~allowed, float("-inf"))
+            scaled = scaled.masked_fill(~allowed, float("-inf"))
+        y_soft = torch.softmax(scaled, dim=-1)  # (B, L, V)
 
         # Pick the hard token.
         if self.hard_method == "argmax":

@@ -124,3 +124,21 @@ def test_per_position_temperature_matches_init_text(tiny_dm):
     string = build_prompt(config, tiny_dm)
     assert string.length == len(tiny_dm.tokenizer.encode("hello world, hello model"))
     assert string.stgs.temperature_raw.shape == (string.length,)
+
+
+@pytest.mark.parametrize("mode", ["scalar", "per_position"])
+def test_learnable_temperature_run_skips_no_update(tiny_dm, mode):
+    from sdlm.config import STGSConfig
+
+    config = Config(
+        prompt=PromptConfig(length=3, samples=2),
+        stgs=STGSConfig(learnable_temperature=mode),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8]),
+        optimizer=OptimizerConfig(steps=5),
+    )
+    steps = []
+    result = optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
+
+    assert result.reason == "max_steps"
+    assert [e.skipped for e in steps] == [False] * 5
+    assert len({e.temperature for e in steps}) > 1  # the temperature learns

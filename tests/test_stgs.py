@@ -182,3 +182,23 @@ def test_mask_excludes_tokens():
     out = STGS()(torch.zeros(500, 1, 4), mask=mask, generator=torch.Generator().manual_seed(0))
     assert set(out.ids.unique().tolist()) == {1, 3}
     assert torch.all(out.probs[..., ~mask] == 0)
+
+
+@pytest.mark.parametrize("mode", ["scalar", "per_position"])
+@pytest.mark.parametrize("normalize", ["none", "zscore"])
+def test_masked_tokens_keep_temperature_gradient_finite(mode, normalize):
+    # Masked tokens are -inf in the softmax; the learnable temperature's gradient must not
+    # pick up -inf * 0 from them.
+    mask = torch.tensor([False, True, True, False, True, True])
+    stgs = STGS(learnable_temperature=mode, length=3, normalize=normalize)
+    logits = torch.randn(2, 3, 6, requires_grad=True)
+    out = stgs(logits, mask=mask, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(2, 3, 6)
+
+    (out.y * weights).sum().backward()
+
+    assert torch.isfinite(stgs.temperature_raw.grad).all()
+    assert torch.isfinite(logits.grad).all()
+    assert torch.all(logits.grad[..., ~mask] == 0)
+    assert torch.all(out.probs[..., ~mask] == 0)
+    assert torch.all(mask[out.ids])
