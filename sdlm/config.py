@@ -31,7 +31,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 
@@ -135,7 +135,8 @@ class ModelConfig(_Validated):
     ensemble: list[str] = _option(
         help="More models, given as spec is, that score the same prompt. They must share the "
         "first model's vocabulary. The loss averages over all models, and success needs every "
-        "model's check to pass.",
+        "model's check to pass. SPEC@DTYPE loads one in its own dtype, such as "
+        "smollm2@bfloat16.",
         factory=list,
         convert=to_word_list,
         expected="a list of model specs",
@@ -555,6 +556,23 @@ def _resolve_path(text: str, base_dir: Path) -> str:
     return os.path.normpath(base_dir / path)
 
 
+def split_dtype(spec: str) -> tuple[str, str | None]:
+    """Split an ensemble entry "SPEC@DTYPE" into the spec and the dtype, or return (spec, None).
+
+    The part after the last "@" counts as a dtype only when it names one, such as bfloat16.
+    """
+    base, separator, dtype = spec.rpartition("@")
+    if separator and base and dtype in get_args(DType):
+        return base, dtype
+    return spec, None
+
+
+def _resolve_ensemble_entry(entry: str, base_dir: Path) -> str:
+    spec, dtype = split_dtype(entry)
+    resolved = _resolve_model_spec(spec, base_dir)
+    return f"{resolved}@{dtype}" if dtype else resolved
+
+
 def _resolve_model_spec(spec: str, base_dir: Path) -> str:
     """Read a relative model path from base_dir, and leave hub ids and the embedded name alone.
 
@@ -656,7 +674,7 @@ def config_from_dict(
         base_dir = Path(base_dir)
         config.output_dir = _resolve_path(config.output_dir, base_dir)
         config.model.spec = _resolve_model_spec(config.model.spec, base_dir)
-        config.model.ensemble = [_resolve_model_spec(spec, base_dir) for spec in config.model.ensemble]
+        config.model.ensemble = [_resolve_ensemble_entry(spec, base_dir) for spec in config.model.ensemble]
         if config.task.path is not None:
             config.task.path = _resolve_path(config.task.path, base_dir)
     return config

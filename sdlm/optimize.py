@@ -20,7 +20,7 @@ import torch
 
 from sdlm.chat import chat_frame
 from sdlm.checkpoint import Checkpoint, LoopState, restore_checkpoint, save_checkpoint
-from sdlm.config import Config
+from sdlm.config import Config, split_dtype
 from sdlm.constraints import position_mask
 from sdlm.guards import apply_update, check_fits_model, check_prompt_length, check_same_vocabulary, non_finite_cause
 from sdlm.objectives import CheckResult, TargetObjective
@@ -232,11 +232,15 @@ def build_objective(config: Config, model: STGSDiffModel, string: STGSDiffString
 
 
 def load_diff_model(config: Config, spec: str | None = None) -> STGSDiffModel:
-    """Load config.model (or `spec` with its settings) and wrap it; generated tokens use config.stgs's temperature and mode."""
+    """Load config.model (or `spec` with its settings) and wrap it; generated tokens use config.stgs's temperature and mode.
+
+    spec may end in "@DTYPE" (an ensemble entry such as "smollm2@bfloat16") to override model.dtype.
+    """
     from sdlm.models import load_model
 
     m = config.model
-    hf_model, tokenizer = load_model(spec or m.spec, device=m.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    spec, dtype = split_dtype(spec) if spec else (m.spec, None)
+    hf_model, tokenizer = load_model(spec, device=m.device, dtype=dtype or m.dtype, trust_remote_code=m.trust_remote_code)
     s = config.stgs
     return STGSDiffModel(hf_model, tokenizer, stgs=STGS(temperature=s.temperature, hard=s.hard, noise_scale=s.noise_scale))
 

@@ -120,6 +120,30 @@ def test_ensemble_paths_read_from_config_folder(tmp_path):
     assert config.model.ensemble == [str(tmp_path / "models" / "b.gguf"), "smollm2"]
 
 
+def test_ensemble_dtype_suffix_kept_on_resolved_path(tmp_path):
+    path = write(tmp_path, "objective:\n  target: x\nmodel:\n  ensemble: [models/b.gguf@bfloat16, smollm2@float16]\n")
+
+    config = load_config(path)
+
+    assert config.model.ensemble == [str(tmp_path / "models" / "b.gguf") + "@bfloat16", "smollm2@float16"]
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ("smollm2@bfloat16", ("smollm2", "bfloat16")),
+        ("org/name@v2@float16", ("org/name@v2", "float16")),
+        ("org/name@main", ("org/name@main", None)),
+        ("@float16", ("@float16", None)),
+        ("smollm2", ("smollm2", None)),
+    ],
+)
+def test_split_dtype(entry, expected):
+    from sdlm.config import split_dtype
+
+    assert split_dtype(entry) == expected
+
+
 def test_task_path_read_from_config_folder(tmp_path):
     path = write(tmp_path, "task:\n  path: data/words.jsonl\n")
 

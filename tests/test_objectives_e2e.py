@@ -6,10 +6,10 @@ the run's plumbing rather than its success. Times are in each config's header co
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdlm.config import load_config
 from sdlm.objectives import greedy_generate
@@ -85,14 +85,15 @@ def test_constraints_config_keeps_its_constraints(embedded):
     assert "ancient" not in result.best.prompt_text
 
 
-def test_ensemble_of_float32_and_bfloat16_models(embedded):
+def test_ensemble_config_succeeds_in_both_precisions(embedded):
     # The same weights in two precisions are two real models with one vocabulary: the prompt
     # must reproduce the target under both.
-    config = load_config(CONFIGS / "quickstart.yaml")
-    bfloat16 = load_diff_model(dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="bfloat16")))
+    config = load_config(CONFIGS / "ensemble.yaml")
+    bfloat16 = load_diff_model(config, config.model.ensemble[0])
     result = optimize(config, model=embedded, ensemble=[bfloat16])
     target = embedded.tokenizer.encode(config.objective.target, add_special_tokens=False)
 
+    assert bfloat16.dtype == torch.bfloat16
     assert result.success
     assert greedy_generate(embedded, result.best.prompt_ids, len(target)) == target
     assert greedy_generate(bfloat16, result.best.prompt_ids, len(target)) == target
