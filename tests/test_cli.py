@@ -8,6 +8,7 @@ need a real process (plain output to a pipe, SIGINT) run this file as a script: 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -467,42 +468,29 @@ class FakeClock:
         return self.now
 
 
-def test_plain_renderer_limits_step_lines():
-    lines: list[str] = []
-
-    class Sink:
-        write = lines.append
-
-        def flush(self) -> None:
-            pass
-
+def plain_step_lines(events: list[StepEvent], interval: float) -> list[str]:
+    """Feed step events to a PlainRenderer whose clock reads 0.5 s per step; return its step lines."""
+    stream = io.StringIO()
     clock = FakeClock()
-    renderer = PlainRenderer(Sink(), interval=2.0, clock=clock)
-    for step in range(1, 11):
-        clock.now = step * 0.5
-        renderer.handle(step_event(step, steps=10))
-    steps_written = [line.split()[1] for line in lines if line.startswith("step ")]
+    renderer = PlainRenderer(stream, interval=interval, clock=clock)
+    for event in events:
+        clock.now = event.step * 0.5
+        renderer.handle(event)
+    return [line for line in stream.getvalue().splitlines() if line.startswith("step ")]
+
+
+def test_plain_renderer_limits_step_lines():
+    lines = plain_step_lines([step_event(step, steps=10) for step in range(1, 11)], interval=2.0)
+    steps_written = [line.split()[1] for line in lines]
     # Step 1 opens the log, then one line per 2 s of the clock, and step 10 closes it.
     assert steps_written == ["1/10", "5/10", "9/10", "10/10"]
 
 
 def test_plain_renderer_writes_each_restart_step():
-    lines: list[str] = []
-
-    class Sink:
-        write = lines.append
-
-        def flush(self) -> None:
-            pass
-
-    clock = FakeClock()
-    renderer = PlainRenderer(Sink(), interval=100.0, clock=clock)
-    for step in range(1, 11):
-        clock.now = step * 0.5
-        event = step_event(step, steps=10)
-        event.restarts = 1 if step >= 4 else 0
-        renderer.handle(event)
-    step_lines = [line for line in lines if line.startswith("step ")]
+    events = [step_event(step, steps=10) for step in range(1, 11)]
+    for event in events[3:]:
+        event.restarts = 1
+    step_lines = plain_step_lines(events, interval=100.0)
 
     assert [line.split()[1] for line in step_lines] == ["1/10", "4/10", "10/10"]
     assert "restarts 1" in step_lines[1]
