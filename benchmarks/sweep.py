@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
         return 2
     specs = {config.model.spec for config in configs}
     if len(specs) > 1:
-        print(f"error: the variants name different models {sorted(specs)}; sweep one model per run", file=sys.stderr)
+        print(f"error: the variants name different models {sorted(specs)}; run one sweep per model", file=sys.stderr)
         return 2
 
     from sdlm.optimize import load_diff_model

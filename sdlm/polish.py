@@ -83,8 +83,10 @@ def swap_candidates(
         logits = objective.teacher_forced_logits(one_hot)  # (1, T, V)
         # The loss covers the target tokens up to the first wrong one, so the swaps aim to fix
         # that token while keeping the earlier ones right.
-        upto = min(incumbent.matched + 1, objective.target_length)
-        losses = token_losses(logits[:, :upto], objective.target_ids[:, :upto], objective.loss_type, objective.margin)
+        scored_length = min(incumbent.matched + 1, objective.target_length)
+        losses = token_losses(
+            logits[:, :scored_length], objective.target_ids[:, :scored_length], objective.loss_type, objective.margin
+        )
         (grad,) = torch.autograd.grad(losses.mean(), one_hot)
     grad = grad[0].float()  # (L, V)
     grad = grad.masked_fill(~allowed.to(grad.device).expand(L, V), float("inf"))
@@ -92,9 +94,10 @@ def swap_candidates(
     k = min(topk, V)
     top = (-grad).topk(k, dim=-1).indices  # (L, k)
     usable = torch.isfinite(grad.gather(-1, top))  # (L, k): False where fewer than k tokens are allowed
-    positions = torch.randint(L, (width,), generator=generator, device=generator.device if generator else None)
-    choices = torch.randint(k, (width,), generator=generator, device=generator.device if generator else None)
-    positions, choices = positions.to(ids.device), choices.to(ids.device)
+    # The draws use the generator's device, and the swaps the model's.
+    draw_device = generator.device if generator is not None else None
+    positions = torch.randint(L, (width,), generator=generator, device=draw_device).to(ids.device)
+    choices = torch.randint(k, (width,), generator=generator, device=draw_device).to(ids.device)
     keep = usable[positions, choices]
     positions, choices = positions[keep], choices[keep]
     candidates = ids.repeat(positions.numel(), 1)  # (B, L)

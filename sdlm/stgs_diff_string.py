@@ -167,7 +167,7 @@ class STGSDiffString(nn.Module):
 
     def _random_logits(self, length: int, generator: torch.Generator | None = None) -> torch.Tensor:
         # Drawn on the generator's device and returned on the CPU.
-        # NOTE: a CUDA generator takes this path too, which no test here runs (no GPU).
+        # NOTE: no test covers a CUDA generator here, because the test machines have no GPU.
         device = generator.device if generator is not None else None
         return (torch.randn(length, self.vocab_size, generator=generator, device=device) * self.init_scale).cpu()  # (L, V)
 
@@ -239,8 +239,11 @@ class STGSDiffString(nn.Module):
 
     @torch.no_grad()
     def reinitialize(self, generator: torch.Generator | None = None) -> None:
-        """Reset the logits in place, keeping the Parameter: back to the initial text or ids when
-        the string was made from them and its length has not changed, else fresh N(0, init_scale^2)."""
+        """Reset the logits in place and keep the Parameter.
+
+        A string made from text or ids, at its initial length, goes back to them. Any other
+        string gets fresh N(0, init_scale^2) logits.
+        """
         if self.init_ids is not None and len(self.init_ids) == self.length:
             fresh = self._text_logits(torch.tensor(self.init_ids))
         else:

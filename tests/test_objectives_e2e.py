@@ -86,7 +86,7 @@ def test_constraints_config_keeps_its_constraints(embedded):
 
 
 def test_ensemble_config_succeeds_in_both_precisions(embedded):
-    # The same weights in two precisions are two real models with one vocabulary: the prompt
+    # The same weights in two precisions are two real models with one vocabulary. The prompt
     # must reproduce the target under both.
     config = load_config(CONFIGS / "ensemble.yaml")
     bfloat16 = load_diff_model(config, config.model.ensemble[0])

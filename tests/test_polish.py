@@ -51,7 +51,7 @@ def test_swaps_change_one_allowed_token(tiny_dm):
 
 
 def test_polish_repairs_one_wrong_token(tiny_dm):
-    # A target reachable from a known prompt; the search starts one token away from it.
+    # The target is reachable from a known prompt, and the search starts one token away from it.
     solution = [120, 121, 122, 123]
     target = greedy_generate(tiny_dm, solution, 3)
     objective = TargetObjective(tiny_dm, target)
@@ -87,7 +87,7 @@ def test_polish_needs_an_offer_first(tiny_dm):
         polisher.polish()
 
 
-def test_loop_with_polish_and_restarts_finds_a_reachable_target(tiny_dm):
+def test_loop_with_search_aids_succeeds(tiny_dm):
     target = greedy_generate(tiny_dm, tiny_dm.tokenizer.encode("hello world"), 3)
     config = Config(
         prompt=PromptConfig(length=3, samples=2),
@@ -105,7 +105,7 @@ def test_restarts_counted_in_step_events(tiny_dm):
     config = Config(
         prompt=PromptConfig(length=3, samples=1),
         objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
-        optimizer=OptimizerConfig(steps=12, lr=1e-6),  # too small to lower the loss: restarts fire
+        optimizer=OptimizerConfig(steps=12, lr=1e-6),  # Too small to lower the loss, so restarts fire.
         search=SearchConfig(restart_patience=2),
     )
     steps = []
