@@ -302,9 +302,10 @@ class EvalConfig(_Validated):
     _prefix: ClassVar[str] = "eval"
 
     every: int = _option(
-        10,
+        25,
         help="Steps between checks of the discrete prompt with the model's ordinary greedy "
-        "generation.",
+        "generation. Samples that already match the target are checked at once, whatever "
+        "this is.",
         ge=1,
     )
     stop_on_success: bool = _option(True, help="Stop the run at the first successful check.")
