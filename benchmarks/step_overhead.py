@@ -6,10 +6,13 @@ Prints:
   - one step through STGS + one-hot embedding + model forward/backward + Adam, against the
     model's bare forward + backward on the same token ids (embeddings that require a gradient,
     no STGS, no one-hot products), as a ratio. Medians over --repeats runs after a warm-up.
+  - with --chat, the prompt sits in the chat template as the user message, as in
+    configs/chat.yaml, and the full step is also timed with the template's fixed text before
+    the prompt recomputed at every step instead of taken from its KV cache.
 
 Usage:
     python benchmarks/step_overhead.py [--samples 4] [--prompt-length 10] [--target-length 10]
-        [--repeats 10] [--skip-cold] [--compare-matmul] [--profile]
+        [--repeats 10] [--skip-cold] [--compare-matmul] [--chat] [--profile]
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of each variant")
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold load (it converts the GGUF file, ~20 s)")
     parser.add_argument("--compare-matmul", action="store_true", help="also time the full step with the one-hot matmul in place of the row lookup")
+    parser.add_argument("--chat", action="store_true", help="put the prompt in the chat template as the user message, and time the step without the prefix cache too")
     parser.add_argument("--profile", action="store_true", help="also print the torch profiler's top operators for one step")
     args = parser.parse_args()
 
@@ -61,6 +65,7 @@ def main() -> None:
 
     from sdlm import STGS, STGSDiffModel, STGSDiffString
     from sdlm.bench import machine_info
+    from sdlm.chat import chat_frame
     from sdlm.models import load_model
     from sdlm.objectives import TargetObjective
 
@@ -76,7 +81,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     string = STGSDiffString(tokenizer, length=L, vocab_size=dm.vocab_size, stgs=STGS(), generator=generator)
     target_ids = torch.randint(0, len(tokenizer), (T,), generator=generator).tolist()
-    objective = TargetObjective(dm, target_ids)
+    prefix, suffix = chat_frame(tokenizer, "user" if args.chat else "none")
+    objective = TargetObjective(dm, target_ids, prefix=prefix, suffix=suffix)
+    P, Q = objective.prefix_ids.shape[1], objective.suffix_ids.shape[1]
     optimizer = torch.optim.Adam(string.parameters(), lr=0.3)
 
     def full_step() -> None:
@@ -86,12 +93,26 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    # The bare model on the same token ids: embeddings that need a gradient, the same loss.
-    ids = torch.cat([string.ids.view(1, L).expand(S, L), objective.target_ids.expand(S, T)], dim=1)  # (S, L + T)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # (S, L + T, D)
+    def uncached_step() -> None:
+        # The same step with the fixed text before the prompt run through the model every time.
+        draw = string.sample(S, generator=generator)
+        parts = [objective.prefix_ids, draw.y, objective.suffix_ids, objective.target_ids]
+        logits = dm(parts=parts, logits_to_keep=T + 1).logits[:, :T]  # (S, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(S * T, -1), objective.target_ids.expand(S, T).reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    # The bare model on the same token ids, the same loss, and a gradient to the embeddings from
+    # the prompt on (the fixed text before the prompt needs none).
+    pieces = [string.ids.view(1, L), objective.suffix_ids, objective.target_ids]
+    ids = torch.cat([piece.expand(S, -1) for piece in pieces], dim=1)  # (S, L + Q + T)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # (S, L + Q + T, D)
+    prefix_embeds = model.get_input_embeddings()(objective.prefix_ids.expand(S, -1)).detach()  # (S, P, D)
 
     def bare_step() -> None:
-        logits = model(inputs_embeds=embeds, logits_to_keep=T + 1).logits[:, :T].float()
+        inputs = torch.cat([prefix_embeds, embeds], dim=1)  # (S, P + L + Q + T, D)
+        logits = model(inputs_embeds=inputs, logits_to_keep=T + 1).logits[:, :T].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(S * T, -1), objective.target_ids.expand(S, T).reshape(-1))
         embeds.grad = None
         loss.backward()
@@ -109,20 +130,26 @@ def main() -> None:
             diff_model_module.is_one_hot = lookup
 
     # Interleave the variants so that load from other processes hits them alike.
-    full, bare, matmul = [], [], []
+    full, bare, matmul, uncached = [], [], [], []
     for _ in range(3):
         full.append(median_seconds(full_step, args.repeats))
         bare.append(median_seconds(bare_step, args.repeats))
         if args.compare_matmul:
             matmul.append(median_seconds(matmul_step, args.repeats))
+        if args.chat:
+            uncached.append(median_seconds(uncached_step, args.repeats))
     full_s, bare_s = statistics.median(full), statistics.median(bare)
-    print(f"step, {S} samples, {L} prompt + {T} target tokens, {torch.get_num_threads()} threads:")
+    fixed = f" + {P} fixed before + {Q} fixed after" if args.chat else ""
+    print(f"step, {S} samples, {L} prompt{fixed} + {T} target tokens, {torch.get_num_threads()} threads:")
     print(f"  bare model forward+backward: {bare_s * 1000:.0f} ms")
     print(f"  full STGS step:              {full_s * 1000:.0f} ms")
     print(f"  overhead ratio (full / bare): {full_s / bare_s:.2f}")
     if args.compare_matmul:
         matmul_s = statistics.median(matmul)
         print(f"  full step, one-hot matmul:   {matmul_s * 1000:.0f} ms (ratio to bare {matmul_s / bare_s:.2f})")
+    if args.chat:
+        uncached_s = statistics.median(uncached)
+        print(f"  full step, prefix recomputed: {uncached_s * 1000:.0f} ms (ratio to bare {uncached_s / bare_s:.2f})")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

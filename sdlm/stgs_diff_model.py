@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -38,6 +39,18 @@ class ForwardOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     past_key_values: object | None = None
+
+
+@dataclass
+class PrefixCache:
+    """The KV cache of fixed leading tokens, computed once without gradient, and their count P.
+
+    `forward(prefix=...)` runs only the tokens after them, on a copy of the cache that is
+    repeated to the batch, so the prefix is not recomputed at every step or for every sample.
+    """
+
+    cache: object
+    length: int
 
 
 @dataclass
@@ -176,15 +189,27 @@ class STGSDiffModel(nn.Module):
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         use_cache: bool = False,
+        prefix: PrefixCache | None = None,
     ) -> ForwardOutput:
         """Run the model on the assembled input.
 
         labels: (B, T) ids aligned with the input, -100 where not scored; the loss is the mean
         cross-entropy of predicting labels[:, t + 1] from position t. logits_to_keep: if > 0,
         compute logits only for the last that many positions (saves the output projection).
+        prefix: a cache from `cache_prefix`, whose tokens come before the input; the logits,
+        labels and attention_mask then cover the input alone.
         """
         embeds, mask = self.assemble(self._parts(parts, input_ids, one_hot, inputs_embeds), attention_mask)
-        out = self._run(embeds, mask, positions_from_mask(mask), None, logits_to_keep, use_cache)
+        if prefix is None:
+            out = self._run(embeds, mask, positions_from_mask(mask), None, logits_to_keep, use_cache)
+        else:
+            batch = embeds.shape[0]
+            cache = copy.deepcopy(prefix.cache)  # the model appends to the cache it is given
+            if batch > 1:
+                cache.batch_repeat_interleave(batch)
+            full_mask = torch.cat([mask.new_ones(batch, prefix.length), mask], dim=1)  # (B, P + T)
+            positions = positions_from_mask(full_mask)[:, prefix.length:]  # (B, T)
+            out = self._run(embeds, full_mask, positions, cache, logits_to_keep, use_cache)
         logits = out.logits.float()  # (B, T', V)
         loss = None
         if labels is not None:
@@ -195,6 +220,15 @@ class STGSDiffModel(nn.Module):
             targets = labels[:, -kept:][:, 1:]  # the token after each kept position but the last
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return ForwardOutput(logits=logits, loss=loss, past_key_values=self._cache_of(out) if use_cache else None)
+
+    @torch.no_grad()
+    def cache_prefix(self, ids: torch.Tensor) -> PrefixCache | None:
+        """Run fixed leading token ids (1, P) once and keep their KV cache, or None when P is 0."""
+        if ids.shape[-1] == 0:
+            return None
+        embeds, mask = self.assemble([ids])
+        out = self._run(embeds, mask, positions_from_mask(mask), None, logits_to_keep=1, use_cache=True)
+        return PrefixCache(cache=self._cache_of(out), length=embeds.shape[1])
 
     def _run(self, embeds, mask, positions, cache, logits_to_keep=0, use_cache=False):
         kwargs = {

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdlm import STGS, STGSDiffModel, STGSDiffString
 
@@ -195,3 +196,44 @@ def test_soft_vectors_take_the_matmul():
     soft = torch.softmax(torch.randn(2, 3, 10), dim=-1)
     assert not is_one_hot(soft)
     assert torch.allclose(embed_token_vectors(soft, weight), soft @ weight)
+
+
+def test_prefix_cache_matches_full_forward(tiny_lm):
+    model, tokenizer = tiny_lm
+    dm = STGSDiffModel(model, tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    prefix_ids = torch.randint(0, len(tokenizer), (1, 6), generator=generator)
+    target_ids = torch.randint(0, len(tokenizer), (1, 4), generator=generator)
+    ids = torch.randint(0, len(tokenizer), (3, 5), generator=generator)
+    prompt = F.one_hot(ids, dm.vocab_size).float().requires_grad_(True)  # (3, 5, V)
+    cached_prompt = prompt.detach().clone().requires_grad_(True)
+
+    full = dm(parts=[prefix_ids, prompt, target_ids], logits_to_keep=5)
+    cached = dm(parts=[cached_prompt, target_ids], prefix=dm.cache_prefix(prefix_ids), logits_to_keep=5)
+    full.logits.square().sum().backward()
+    cached.logits.square().sum().backward()
+
+    assert cached.logits.shape == (3, 5, dm.vocab_size)
+    torch.testing.assert_close(cached.logits, full.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached_prompt.grad, prompt.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_cache_reused_across_calls(tiny_lm):
+    model, tokenizer = tiny_lm
+    dm = STGSDiffModel(model, tokenizer)
+    prefix = dm.cache_prefix(torch.tensor([[5, 6, 7]]))
+    ids = torch.tensor([[8, 9, 10, 11]])
+
+    first = dm(parts=[ids], prefix=prefix).logits
+    second = dm(parts=[ids.expand(2, -1)], prefix=prefix).logits
+
+    assert prefix.length == 3
+    torch.testing.assert_close(second[0], first[0])
+    torch.testing.assert_close(second[1], first[0])
+
+
+def test_empty_prefix_gives_no_cache(tiny_lm):
+    model, tokenizer = tiny_lm
+    dm = STGSDiffModel(model, tokenizer)
+
+    assert dm.cache_prefix(torch.zeros(1, 0, dtype=torch.long)) is None
