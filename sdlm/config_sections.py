@@ -341,6 +341,12 @@ class SearchConfig(_Validated):
         "state is reset. The best prompt seen is kept. 0 never restarts.",
         ge=0,
     )
+    restart_bias: float = _option(
+        0.0,
+        help="Logit added at a restart to each token of the best prompt checked so far, so the "
+        "new start explores around it. 0 restarts from scratch.",
+        ge=0,
+    )
 
 
 @dataclass

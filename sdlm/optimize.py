@@ -436,9 +436,11 @@ def optimize(
             reason = "success"
             break
 
-        # Restart when the lowest loss has not improved for search.restart_patience steps.
+        # Restart when the lowest loss has not improved for search.restart_patience steps, near
+        # the best checked prompt when search.restart_bias is set.
         if restart:
-            string.reinitialize(generator)
+            around = best.prompt_ids if best is not None and len(best.prompt_ids) == string.length else None
+            string.reinitialize(generator, around=around, bias=search.restart_bias)
             optimizer.state.clear()
             restart_low, restart_step = None, step
 

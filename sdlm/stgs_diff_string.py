@@ -238,16 +238,23 @@ class STGSDiffString(nn.Module):
         return self.tokenizer.decode(ids.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     @torch.no_grad()
-    def reinitialize(self, generator: torch.Generator | None = None) -> None:
+    def reinitialize(
+        self, generator: torch.Generator | None = None, *, around: Sequence[int] | None = None, bias: float = 0.0
+    ) -> None:
         """Reset the logits in place and keep the Parameter.
 
         A string made from text or ids, at its initial length, goes back to them. Any other
-        string gets fresh N(0, init_scale^2) logits.
+        string gets fresh N(0, init_scale^2) logits. `around` (one id per position) then gets
+        `bias` added to its tokens' logits, so sampling starts near that prompt.
         """
         if self.init_ids is not None and len(self.init_ids) == self.length:
             fresh = self._text_logits(torch.tensor(self.init_ids))
         else:
-            fresh = self._random_logits(self.length, generator)
+            fresh = self._random_logits(self.length, generator)  # (L, V)
+        if around is not None and bias:
+            if len(around) != self.length:
+                raise ValueError(f"around must have one id per position ({self.length}), got {len(around)}")
+            fresh[torch.arange(self.length), torch.as_tensor(list(around))] += bias
         self.logits.copy_(fresh.to(self.logits.device, self.logits.dtype).unsqueeze(0))
 
     # -- length changes --------------------------------------------------------------------

@@ -121,7 +121,7 @@ KNOWN_KEYS = {
     "objective": ["target", "target_ids", "mode"],
     "optimizer": ["lr", "steps", "max_non_finite", "name"],
     "eval": ["every", "checkpoint_every"],
-    "search": ["polish_every", "polish_width", "restart_patience"],
+    "search": ["polish_every", "polish_width", "restart_patience", "restart_bias"],
     "model": ["device", "dtype"],
 }
 RANDOM_CONFIGS = st.dictionaries(

@@ -419,6 +419,7 @@ def test_every_float_field_is_float(tmp_path):
         "task.weight": "1",
         "task.heldout": "0",
         "task.min_accuracy": "1",
+        "search.restart_bias": "3",
     }
     float_keys = {
         f"{section}.{field.name}"

@@ -150,3 +150,50 @@ def test_restart_returns_to_the_initial_text(tiny_dm):
 
     assert string.logits is parameter
     assert torch.equal(string.logits.detach(), start)
+
+
+def test_restart_bias_raises_the_given_tokens(tiny_dm):
+    from sdlm.stgs_diff_string import STGSDiffString
+
+    string = STGSDiffString(tiny_dm.tokenizer, length=4, vocab_size=tiny_dm.vocab_size)
+    string.reinitialize(torch.Generator().manual_seed(1))
+    plain = string.logits.detach().clone()
+    around = [3, 40, 41, 3]
+
+    string.reinitialize(torch.Generator().manual_seed(1), around=around, bias=2.5)
+
+    difference = string.logits.detach() - plain  # (1, 4, V)
+    assert torch.allclose(difference[0, torch.arange(4), around], torch.full((4,), 2.5))
+    assert difference.abs().sum().item() == pytest.approx(4 * 2.5)
+    with pytest.raises(ValueError, match="one id per position"):
+        string.reinitialize(around=[3, 40], bias=1.0)
+
+
+def test_restart_bias_starts_at_the_best_prompt(tiny_dm):
+    config = Config(
+        prompt=PromptConfig(length=3, samples=1),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
+        optimizer=OptimizerConfig(steps=12, lr=1e-6),  # Too small to lower the loss, so restarts fire.
+        eval=EvalConfig(every=1),
+        search=SearchConfig(restart_patience=2, restart_bias=100.0),
+    )
+    events = []
+    result = optimize(config, model=tiny_dm, on_event=events.append)
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    restart_steps = [later.step for earlier, later in zip(steps, steps[1:]) if later.restarts > earlier.restarts]
+    assert restart_steps
+
+    # The step after a restart samples around the best prompt checked before it, whose tokens
+    # lead every other logit by about 100, so its argmax prompt is that prompt.
+    best_before: dict[int, list[int]] = {}  # step -> best prompt ids when that step began
+    best = None
+    for event in events:
+        if getattr(event, "kind", None) == "eval":
+            best = event.best.prompt_ids
+        if isinstance(event, StepEvent):
+            best_before[event.step] = best
+    followed = [step for step in restart_steps if step < result.steps]
+    assert followed
+    for step in followed:
+        after = next(e for e in steps if e.step == step + 1)
+        assert after.prompt_text == tiny_dm.tokenizer.decode(best_before[step + 1], clean_up_tokenization_spaces=False)

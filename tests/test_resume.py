@@ -55,8 +55,9 @@ def evals(events) -> list[tuple[int, list[int], bool]]:
         ({"learnable_temperature": "scalar"}, None),
         ({"learnable_temperature": "per_position"}, None),
         ({}, {"polish_every": 2, "polish_width": 8, "restart_patience": 2}),
+        ({}, {"restart_patience": 2, "restart_bias": 3.0}),
     ],
-    ids=["fixed-temperature", "scalar-temperature", "per-position-temperature", "polish-and-restarts"],
+    ids=["fixed-temperature", "scalar-temperature", "per-position-temperature", "polish-and-restarts", "biased-restarts"],
 )
 def test_resume_matches_uninterrupted_run(tiny_dm, tmp_path, stgs, search):
     steps, stop_at = 12, 5
