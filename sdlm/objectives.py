@@ -116,7 +116,7 @@ class TargetObjective:
         self.prefix_ids = model.encode(prefix)  # (1, P)
         self.suffix_ids = model.encode(suffix)  # (1, Q)
         self.target_ids = torch.tensor([target_ids], dtype=torch.long, device=model.device)  # (1, T)
-        self.prefix_cache = model.cache_prefix(self.prefix_ids)  # computed once, None without a prefix
+        self.prefix_cache = model.cache_prefix(self.prefix_ids)  # None: no prefix, or a model without a KV cache
         self.target_text = model.tokenizer.decode(target_ids, clean_up_tokenization_spaces=False)
 
     @classmethod
@@ -145,8 +145,10 @@ class TargetObjective:
         before it, in one forward pass. prompt: samples or one-hots (S, L, V), or ids (S, L)."""
         T = self.target_length
         # Keep the logits of the last T + 1 positions; the first T predict the target. The
-        # prefix comes from its cache, because it does not depend on the prompt.
+        # prefix comes from its cache where there is one, because it does not depend on the prompt.
         parts = [prompt, self.suffix_ids, self.target_ids]
+        if self.prefix_cache is None:
+            parts.insert(0, self.prefix_ids)
         out = self.model(parts=parts, prefix=self.prefix_cache, logits_to_keep=T + 1)
         return out.logits[:, :T]
 

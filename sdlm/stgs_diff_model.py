@@ -223,12 +223,19 @@ class STGSDiffModel(nn.Module):
 
     @torch.no_grad()
     def cache_prefix(self, ids: torch.Tensor) -> PrefixCache | None:
-        """Run fixed leading token ids (1, P) once and keep their KV cache, or None when P is 0."""
+        """Run fixed leading token ids (1, P) once and keep their KV cache.
+
+        Returns None when P is 0 or the model returns no cache that can be repeated to a batch;
+        callers then put the ids in front of the input as usual.
+        """
         if ids.shape[-1] == 0:
             return None
         embeds, mask = self.assemble([ids])
         out = self._run(embeds, mask, positions_from_mask(mask), None, logits_to_keep=1, use_cache=True)
-        return PrefixCache(cache=self._cache_of(out), length=embeds.shape[1])
+        cache = self._cache_of(out)
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        return PrefixCache(cache=cache, length=embeds.shape[1])
 
     def _run(self, embeds, mask, positions, cache, logits_to_keep=0, use_cache=False):
         kwargs = {

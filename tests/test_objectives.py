@@ -677,3 +677,17 @@ def start_event(target_text, target_ids, terms):
 )
 def test_describe_objective(target_text, target_ids, terms, expected):
     assert describe_objective(start_event(target_text, target_ids, terms)) == expected
+
+
+@pytest.mark.parametrize("model_name", ["dm", "gpt2_dm"])
+def test_target_loss_same_without_prefix_cache(model_name, request):
+    model = request.getfixturevalue(model_name)
+    objective = TargetObjective(model, [5, 6, 7], prefix="hello world")
+    prompt = F.one_hot(torch.tensor([[8, 9, 10, 11], [12, 13, 14, 15]]), model.vocab_size).float()  # (2, 4, V)
+    assert objective.prefix_cache is not None
+
+    cached = objective.loss(prompt).per_sample
+    objective.prefix_cache = None  # what a model without a reusable KV cache gets
+    recomputed = objective.loss(prompt).per_sample
+
+    torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
