@@ -1,9 +1,10 @@
 """Run configuration: YAML loading, ``--set`` overrides, validation and starter files.
 
 A config is a tree of dataclasses, one per YAML section, defined in `sdlm.config_sections` and
-re-exported here. Each field has a type, a default, a one-line help text and a check. The checks run in ``__post_init__``, so a config built in
-Python is validated and normalized exactly like one read from YAML. Every problem raises
-ConfigError with a one-line message that names the file, line, key, rejected value and fix.
+re-exported here. Each field has a type, a default, a one-line help text and a check. The
+checks run in ``__post_init__``, so a config built in Python is validated and normalized
+exactly like one read from YAML. Every problem raises ConfigError with a one-line message that
+names the file, line, key, rejected value and fix.
 
 Example::
 

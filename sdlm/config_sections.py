@@ -304,8 +304,8 @@ class EvalConfig(_Validated):
     every: int = _option(
         25,
         help="Steps between checks of the discrete prompt with the model's ordinary greedy "
-        "generation. Samples that already match the target are checked at once, whatever "
-        "this is.",
+        "generation. Samples whose teacher-forced output already matches are checked at once "
+        "(an exact target, or task examples all scored in one step).",
         ge=1,
     )
     stop_on_success: bool = _option(True, help="Stop the run at the first successful check.")
@@ -344,7 +344,7 @@ class SearchConfig(_Validated):
     restart_bias: float = _option(
         0.0,
         help="Logit added at a restart to each token of the best prompt checked so far, so the "
-        "new start explores around it. 0 restarts from scratch.",
+        "new start explores around it. 0 restarts as restart_patience describes.",
         ge=0,
     )
 

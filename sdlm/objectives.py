@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlm.metrics import exact_match, lcs_ratio, token_accuracy
-from sdlm.stgs_diff_model import STGSDiffModel
+from sdlm.stgs_diff_model import PrefixCache, STGSDiffModel
 
 logger = logging.getLogger("sdlm")
 
@@ -116,7 +116,8 @@ class TargetObjective:
         self.prefix_ids = model.encode(prefix)  # (1, P)
         self.suffix_ids = model.encode(suffix)  # (1, Q)
         self.target_ids = torch.tensor([target_ids], dtype=torch.long, device=model.device)  # (1, T)
-        self.prefix_cache = model.cache_prefix(self.prefix_ids)  # None: no prefix, or a model without a KV cache
+        self._prefix_cache: PrefixCache | None = None
+        self._prefix_cached = False
         self.target_text = model.tokenizer.decode(target_ids, clean_up_tokenization_spaces=False)
 
     @classmethod
@@ -135,6 +136,18 @@ class TargetObjective:
                     suffix, target, target_ids,
                 )
         return cls(model, target_ids, **kwargs)
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix's KV cache, built at first use. None without a prefix or a reusable cache."""
+        if not self._prefix_cached:
+            self._prefix_cache = self.model.cache_prefix(self.prefix_ids)
+            self._prefix_cached = True
+        return self._prefix_cache
+
+    @prefix_cache.setter
+    def prefix_cache(self, cache: PrefixCache | None) -> None:
+        self._prefix_cache, self._prefix_cached = cache, True
 
     @property
     def target_length(self) -> int:

@@ -25,6 +25,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 from sdlm.stgs import STGS
 
@@ -225,15 +226,15 @@ class STGSDiffModel(nn.Module):
     def cache_prefix(self, ids: torch.Tensor) -> PrefixCache | None:
         """Run fixed leading token ids (1, P) once and keep their KV cache.
 
-        Returns None when P is 0 or the model returns no cache that can be repeated to a batch;
-        callers then put the ids in front of the input as usual.
+        Returns None when P is 0, or when the model's cache is not a DynamicCache (the kind that
+        can be copied and repeated to a batch). Callers then put the ids in front of the input.
         """
         if ids.shape[-1] == 0:
             return None
         embeds, mask = self.assemble([ids])
         out = self._run(embeds, mask, positions_from_mask(mask), None, logits_to_keep=1, use_cache=True)
         cache = self._cache_of(out)
-        if not hasattr(cache, "batch_repeat_interleave"):
+        if not isinstance(cache, DynamicCache):
             return None
         return PrefixCache(cache=cache, length=embeds.shape[1])
 

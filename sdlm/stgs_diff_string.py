@@ -252,9 +252,12 @@ class STGSDiffString(nn.Module):
         else:
             fresh = self._random_logits(self.length, generator)  # (L, V)
         if around is not None and bias:
-            if len(around) != self.length:
-                raise ValueError(f"around must have one id per position ({self.length}), got {len(around)}")
-            fresh[torch.arange(self.length), torch.as_tensor(list(around))] += bias
+            ids = torch.as_tensor(list(around), dtype=torch.long)
+            if ids.numel() != self.length:
+                raise ValueError(f"around must have one id per position ({self.length}), got {ids.numel()}")
+            if not bool(((ids >= 0) & (ids < self.vocab_size)).all()):
+                raise ValueError(f"around has ids outside the vocabulary [0, {self.vocab_size}): {ids.tolist()}")
+            fresh[torch.arange(self.length), ids] += bias
         self.logits.copy_(fresh.to(self.logits.device, self.logits.dtype).unsqueeze(0))
 
     # -- length changes --------------------------------------------------------------------

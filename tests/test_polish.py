@@ -167,9 +167,15 @@ def test_restart_bias_raises_the_given_tokens(tiny_dm):
     assert difference.abs().sum().item() == pytest.approx(4 * 2.5)
     with pytest.raises(ValueError, match="one id per position"):
         string.reinitialize(around=[3, 40], bias=1.0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        string.reinitialize(around=[3, 40, -1, 3], bias=1.0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        string.reinitialize(around=[3, 40, tiny_dm.vocab_size, 3], bias=1.0)
 
 
-def test_restart_bias_starts_at_the_best_prompt(tiny_dm):
+def test_restart_bias_starts_at_the_best_prompt(tiny_dm, monkeypatch):
+    from sdlm.stgs_diff_string import STGSDiffString
+
     config = Config(
         prompt=PromptConfig(length=3, samples=1),
         objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
@@ -177,23 +183,39 @@ def test_restart_bias_starts_at_the_best_prompt(tiny_dm):
         eval=EvalConfig(every=1),
         search=SearchConfig(restart_patience=2, restart_bias=100.0),
     )
+    restarts: list[tuple[list[int], float]] = []  # (around, bias) of each restart
+    reinitialize = STGSDiffString.reinitialize
+
+    def record(self, generator=None, *, around=None, bias=0.0):
+        restarts.append((list(around), bias))
+        reinitialize(self, generator, around=around, bias=bias)
+
+    monkeypatch.setattr(STGSDiffString, "reinitialize", record)
     events = []
     result = optimize(config, model=tiny_dm, on_event=events.append)
     steps = [e for e in events if isinstance(e, StepEvent)]
     restart_steps = [later.step for earlier, later in zip(steps, steps[1:]) if later.restarts > earlier.restarts]
-    assert restart_steps
+    if steps[0].restarts:
+        restart_steps.insert(0, steps[0].step)
+    assert len(restarts) == len(restart_steps) >= 2
 
-    # The step after a restart samples around the best prompt checked before it, whose tokens
-    # lead every other logit by about 100, so its argmax prompt is that prompt.
-    best_before: dict[int, list[int]] = {}  # step -> best prompt ids when that step began
-    best = None
+    # Each restart is biased toward the best prompt checked up to its step.
+    best_after: dict[int, list[int]] = {}  # step -> best prompt ids after that step's checks
+    step, best = 0, None
     for event in events:
-        if getattr(event, "kind", None) == "eval":
-            best = event.best.prompt_ids
         if isinstance(event, StepEvent):
-            best_before[event.step] = best
-    followed = [step for step in restart_steps if step < result.steps]
+            step = event.step
+        elif getattr(event, "kind", None) == "eval":
+            best = event.best.prompt_ids
+        best_after[step] = best
+    for (around, bias), step in zip(restarts, restart_steps):
+        assert bias == 100.0
+        assert around == best_after[step]
+
+    # The step after a restart has that prompt as its argmax, because its tokens lead every
+    # other logit by about 100.
+    followed = [(around, step) for (around, _), step in zip(restarts, restart_steps) if step < result.steps]
     assert followed
-    for step in followed:
+    for around, step in followed:
         after = next(e for e in steps if e.step == step + 1)
-        assert after.prompt_text == tiny_dm.tokenizer.decode(best_before[step + 1], clean_up_tokenization_spaces=False)
+        assert after.prompt_text == tiny_dm.tokenizer.decode(around, clean_up_tokenization_spaces=False)

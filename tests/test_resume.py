@@ -55,7 +55,7 @@ def evals(events) -> list[tuple[int, list[int], bool]]:
         ({"learnable_temperature": "scalar"}, None),
         ({"learnable_temperature": "per_position"}, None),
         ({}, {"polish_every": 2, "polish_width": 8, "restart_patience": 2}),
-        ({}, {"restart_patience": 2, "restart_bias": 3.0}),
+        ({}, {"restart_patience": 1, "restart_bias": 3.0}),
     ],
     ids=["fixed-temperature", "scalar-temperature", "per-position-temperature", "polish-and-restarts", "biased-restarts"],
 )
@@ -90,6 +90,13 @@ def test_resume_matches_uninterrupted_run(tiny_dm, tmp_path, stgs, search):
     assert [row["step"] for row in rows] == list(range(1, steps + 1))
     straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [row["loss"] for row in rows] == [row["loss"] for row in straight_rows]
+    if search and search.get("restart_bias"):
+        # A biased restart falls after the stop, and the bias changes the trajectory.
+        restarts_at_stop = [e.restarts for e in first_events if getattr(e, "kind", None) == "step"][-1]
+        restarts_at_end = [e.restarts for e in resumed_events if getattr(e, "kind", None) == "step"][-1]
+        assert restarts_at_end > restarts_at_stop
+        unbiased = optimize(trajectory_config(steps, {**search, "restart_bias": 0.0}, **stgs), model=tiny_dm)
+        assert not torch.equal(unbiased.string.logits, straight.string.logits)
 
 
 def test_resume_from_periodic_checkpoint_after_kill(tiny_dm, tmp_path):

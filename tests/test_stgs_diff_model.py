@@ -227,9 +227,35 @@ def test_prefix_cache_reused_across_calls(tiny_lm):
     first = dm(parts=[ids], prefix=prefix).logits
     second = dm(parts=[ids.expand(2, -1)], prefix=prefix).logits
 
-    assert prefix.length == 3
+    assert prefix.cache.get_seq_length() == 3  # the calls worked on copies
     torch.testing.assert_close(second[0], first[0])
     torch.testing.assert_close(second[1], first[0])
+
+
+def test_prefix_cache_with_mask_and_labels(tiny_lm):
+    model, tokenizer = tiny_lm
+    dm = STGSDiffModel(model, tokenizer)
+    prefix_ids = torch.tensor([[5, 6, 7]])
+    ids = torch.tensor([[0, 8, 9, 10], [11, 12, 13, 14]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # row 0 has one padding token
+    labels = torch.tensor([[-100, -100, 9, 10], [-100, 12, 13, 14]])
+
+    full = dm(parts=[prefix_ids, ids], attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), mask], 1),
+              labels=torch.cat([torch.full((2, 3), -100), labels], 1))
+    cached = dm(parts=[ids], prefix=dm.cache_prefix(prefix_ids), attention_mask=mask, labels=labels, use_cache=True)
+
+    torch.testing.assert_close(cached.logits[1], full.logits[1, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached.logits[0, 1:], full.logits[0, 4:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached.loss, full.loss, atol=1e-5, rtol=1e-5)
+    assert cached.past_key_values.get_seq_length() == 7
+
+
+def test_no_prefix_cache_without_dynamic_cache(tiny_lm, monkeypatch):
+    model, tokenizer = tiny_lm
+    dm = STGSDiffModel(model, tokenizer)
+    monkeypatch.setattr(dm, "_cache_of", lambda out: None)
+
+    assert dm.cache_prefix(torch.tensor([[5, 6, 7]])) is None
 
 
 def test_empty_prefix_gives_no_cache(tiny_lm):
