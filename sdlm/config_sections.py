@@ -175,7 +175,7 @@ class STGSConfig(_Validated):
     _prefix: ClassVar[str] = "stgs"
 
     temperature: float = _option(
-        1.0,
+        2.0,
         help="Relaxation temperature tau of the soft sample, and the initial value when the "
         "temperature is learnable or scheduled.",
         gt=0,
@@ -342,7 +342,7 @@ class SearchConfig(_Validated):
         ge=0,
     )
     restart_bias: float = _option(
-        0.0,
+        3.0,
         help="Logit added at a restart to each token of the best prompt checked so far, so the "
         "new start explores around it. 0 restarts as restart_patience describes.",
         ge=0,
