@@ -6,13 +6,15 @@ Prints:
   - one step through STGS + one-hot embedding + model forward/backward + Adam, against the
     model's bare forward + backward on the same token ids (embeddings that require a gradient,
     no STGS, no one-hot products), as a ratio. Medians over --repeats runs after a warm-up.
+  - with --check, the target's greedy check of the argmax prompt, which eval.every schedules (a
+    run also scores the prompt's perplexity there), in full steps;
   - with --chat, the prompt sits in the chat template as the user message, as in
     configs/chat.yaml, and the full step is also timed with the template's fixed text before
     the prompt recomputed at every step instead of taken from its KV cache.
 
 Usage:
     python benchmarks/step_overhead.py [--samples 4] [--prompt-length 10] [--target-length 10]
-        [--repeats 10] [--skip-cold] [--compare-matmul] [--chat] [--profile]
+        [--repeats 10] [--skip-cold] [--compare-matmul] [--check] [--chat] [--profile]
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of each variant")
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold load (it converts the GGUF file, ~20 s)")
     parser.add_argument("--compare-matmul", action="store_true", help="also time the full step with the one-hot matmul in place of the row lookup")
+    parser.add_argument("--check", action="store_true", help="also time one greedy check of the argmax prompt")
     parser.add_argument("--chat", action="store_true", help="put the prompt in the chat template as the user message, and time the step without the prefix cache too")
     parser.add_argument("--profile", action="store_true", help="also print the torch profiler's top operators for one step")
     args = parser.parse_args()
@@ -129,8 +132,11 @@ def main() -> None:
         finally:
             diff_model_module.is_one_hot = lookup
 
+    def check() -> None:
+        objective.check(string.ids.tolist())
+
     # Interleave the variants so that load from other processes hits them alike.
-    full, bare, matmul, uncached = [], [], [], []
+    full, bare, matmul, uncached, checks = [], [], [], [], []
     for _ in range(3):
         full.append(median_seconds(full_step, args.repeats))
         bare.append(median_seconds(bare_step, args.repeats))
@@ -138,6 +144,8 @@ def main() -> None:
             matmul.append(median_seconds(matmul_step, args.repeats))
         if args.chat:
             uncached.append(median_seconds(uncached_step, args.repeats))
+        if args.check:
+            checks.append(median_seconds(check, args.repeats))
     full_s, bare_s = statistics.median(full), statistics.median(bare)
     fixed = f" + {P} fixed before + {Q} fixed after" if args.chat else ""
     print(f"step, {S} samples, {L} prompt{fixed} + {T} target tokens, {torch.get_num_threads()} threads:")
@@ -148,6 +156,9 @@ def main() -> None:
     if args.compare_matmul:
         matmul_s = statistics.median(matmul)
         print(f"  full step, one-hot matmul:   {matmul_s * 1000:.0f} ms (ratio to bare {matmul_s / bare_s:.2f})")
+    if args.check:
+        check_s = statistics.median(checks)
+        print(f"  one greedy check:            {check_s * 1000:.0f} ms ({check_s / full_s:.1f} full steps)")
     if args.chat:
         uncached_s = statistics.median(uncached)
         print(f"  full step, prefix recomputed: {uncached_s * 1000:.0f} ms (ratio to bare {uncached_s / bare_s:.2f})")
