@@ -29,6 +29,9 @@ def prompt_nll(model: STGSDiffModel, prefix_ids: torch.Tensor, prompt_y: torch.T
     if scored == 0:
         return None
     # The logits of the last scored + 1 positions; all but the last predict prompt tokens.
+    # NOTE: this runs the prefix at every step. The target term takes it from a KV cache, but
+    # here the prefix's last position predicts the first prompt token, so a cache would also
+    # have to keep that position's logits.
     out = model(parts=[prefix_ids, prompt_y], logits_to_keep=scored + 1)
     log_probs = F.log_softmax(out.logits[:, :scored], dim=-1)  # (S, scored, V)
     targets = prompt_y[:, L - scored:].to(log_probs.dtype)  # (S, scored, V)
