@@ -344,17 +344,18 @@ class _OneHotLookup(torch.autograd.Function):
     def forward(ctx, one_hot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ids = one_hot.argmax(dim=-1)  # (B, T)
         ctx.save_for_backward(ids, weight)
-        ctx.vocab_size = one_hot.shape[-1]
         return weight[ids]  # (B, T, D)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         ids, weight = ctx.saved_tensors
+        V, D = weight.shape
         grad_one_hot = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_one_hot = grad @ weight.T  # (B, T, D) @ (D, V) -> (B, T, V)
+            # One 2-D product: a 3-D grad that is not contiguous would go through a slower
+            # batched matmul with the whole (D, V) matrix.
+            grad_one_hot = (grad.reshape(-1, D) @ weight.T).view(*grad.shape[:-1], V)  # (B, T, V)
         if ctx.needs_input_grad[1]:
-            D = grad.shape[-1]
             grad_weight = torch.zeros_like(weight).index_add_(0, ids.reshape(-1), grad.reshape(-1, D))
         return grad_one_hot, grad_weight
 
