@@ -1,8 +1,8 @@
 """Config sections: one typed dataclass per YAML section, and building a Config from plain data.
 
 Each field has a type, a default, a one-line help text and a check, which run in
-``__post_init__``. `sdlm.config` reads and writes these as YAML and is the public entry point;
-this module defines the schema, so it must not import torch or yaml either.
+``__post_init__``. `sdlm.config` reads and writes these as YAML and is the public entry point.
+This module defines the schema only, so it imports neither torch nor yaml.
 """
 
 from __future__ import annotations

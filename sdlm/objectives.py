@@ -8,6 +8,7 @@ model's ordinary greedy generation, so a reported success is real, never inferre
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -116,8 +117,6 @@ class TargetObjective:
         self.prefix_ids = model.encode(prefix)  # (1, P)
         self.suffix_ids = model.encode(suffix)  # (1, Q)
         self.target_ids = torch.tensor([target_ids], dtype=torch.long, device=model.device)  # (1, T)
-        self._prefix_cache: PrefixCache | None = None
-        self._prefix_cached = False
         self.target_text = model.tokenizer.decode(target_ids, clean_up_tokenization_spaces=False)
 
     @classmethod
@@ -137,17 +136,10 @@ class TargetObjective:
                 )
         return cls(model, target_ids, **kwargs)
 
-    @property
+    @functools.cached_property
     def prefix_cache(self) -> PrefixCache | None:
         """The prefix's KV cache, built at first use. None without a prefix or a reusable cache."""
-        if not self._prefix_cached:
-            self._prefix_cache = self.model.cache_prefix(self.prefix_ids)
-            self._prefix_cached = True
-        return self._prefix_cache
-
-    @prefix_cache.setter
-    def prefix_cache(self, cache: PrefixCache | None) -> None:
-        self._prefix_cache, self._prefix_cached = cache, True
+        return self.model.cache_prefix(self.prefix_ids)
 
     @property
     def target_length(self) -> int:

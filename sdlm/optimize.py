@@ -373,6 +373,7 @@ def optimize(
         per_sample = scored.per_sample.detach()
         loss_value = float(loss.detach())
         history.append(loss_value)
+        lowest_loss = float(per_sample.min())
         tau = float(draw.temperature.detach().float().mean())
 
         # Polish the incumbent, and decide on a restart, before the event that reports both.
@@ -386,15 +387,14 @@ def optimize(
             polish_improved = polished != before
         restart = False
         if search.restart_patience:
-            low = float(per_sample.min())
-            if restart_low is None or low < restart_low:
-                restart_low, restart_step = low, step
+            if restart_low is None or lowest_loss < restart_low:
+                restart_low, restart_step = lowest_loss, step
             elif step - restart_step >= search.restart_patience:
                 restart = True
                 restarts += 1
 
         event = StepEvent(
-            step=step, steps=opt.steps, loss=loss_value, best_sample_loss=float(per_sample.min()),
+            step=step, steps=opt.steps, loss=loss_value, best_sample_loss=lowest_loss,
             accuracy=None if scored.accuracy is None else float(scored.accuracy.max()),
             temperature=tau, prompt_text=string.text, elapsed=time.perf_counter() - start,
             skipped=non_finite is not None,
@@ -420,8 +420,8 @@ def optimize(
             for i in scored.solved.nonzero().view(-1).tolist():
                 candidates.append((draw.ids[i].tolist(), float(per_sample[i])))
         if step % config.eval.every == 0 or step == opt.steps:
-            candidates.append((string.ids.tolist(), float(per_sample.min())))
-        if polished is not None and polish_improved:
+            candidates.append((string.ids.tolist(), lowest_loss))
+        if polish_improved:
             # A better incumbent goes to the greedy check, so the best prompt reflects it.
             candidates.insert(0, (list(polished.ids), polished.loss))
         success = False
