@@ -63,6 +63,8 @@ class LoopState:
     restart_low: float | None = None
     restart_step: int = 0
     restarts: int = 0
+    # The sample a biased restart starts near, as [ids, teacher-forced accuracy, loss], or None.
+    anchor: list[Any] | None = None
 
 
 @dataclass

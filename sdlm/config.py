@@ -18,7 +18,7 @@ Example::
     >>> OptimizerConfig(lr=-1)
     Traceback (most recent call last):
     ...
-    sdlm.config_fields.ConfigError: optimizer.lr: expected a number > 0, got -1 (set optimizer.lr to a number > 0, such as 1.0)
+    sdlm.config_fields.ConfigError: optimizer.lr: expected a number > 0, got -1 (set optimizer.lr to a number > 0, such as 2.0)
 
 This module must not import torch, because the CLI imports it to validate configs quickly.
 """
@@ -437,7 +437,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "quickstart": {
         "prompt": {"length": 10},
         "objective": {"target": "\n\nThe ancient ones, who had been watching", "mode": "teacher_forcing"},
-        "optimizer": {"lr": 1.0, "steps": 300},
+        "optimizer": {"steps": 300},
         "eval": {"every": 10},
         "seed": 0,
     },

@@ -271,7 +271,7 @@ class OptimizerConfig(_Validated):
     _prefix: ClassVar[str] = "optimizer"
 
     name: OptimizerName = _option("adam", help="Optimizer from torch.optim: adam, adamw or sgd.")
-    lr: float = _option(1.0, help="Learning rate.", gt=0)
+    lr: float = _option(2.0, help="Learning rate.", gt=0)
     steps: int = _option(300, help="Maximum number of optimization steps.", ge=1)
     grad_clip: float | None = _option(
         None, help="Maximum gradient norm, or null for no clipping.", gt=0, example=1.0
@@ -342,9 +342,10 @@ class SearchConfig(_Validated):
         ge=0,
     )
     restart_bias: float = _option(
-        3.0,
-        help="Logit added at a restart to each token of the best prompt checked so far, so the "
-        "new start explores around it. 0 restarts as restart_patience describes.",
+        10.0,
+        help="Logit added at a restart to each token of the best sample so far (the most target "
+        "tokens right under teacher forcing, then the lowest loss), so the new start explores "
+        "around it. 0 restarts as restart_patience describes.",
         ge=0,
     )
 

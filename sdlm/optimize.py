@@ -325,6 +325,7 @@ def optimize(
     message: str | None = None
     non_finite_in_a_row = state.non_finite_in_a_row
     restart_low, restart_step, restarts = state.restart_low, state.restart_step, state.restarts
+    anchor: list | None = state.anchor  # [ids, teacher-forced accuracy, loss] of the anchor sample
     step = state.step
     if run and best is not None:
         run.write_best({"step": best_step, "loss": state.best_loss} | state.best)
@@ -348,7 +349,7 @@ def optimize(
             best=asdict(best) if best is not None else None, best_step=best_step, best_loss=best_loss,
             checked=[list(ids) for ids in checked], non_finite_in_a_row=non_finite_in_a_row,
             incumbent=_incumbent_state(polisher), restart_low=restart_low, restart_step=restart_step,
-            restarts=restarts,
+            restarts=restarts, anchor=anchor,
         )
 
     # A resumed run that had already met its objective has nothing left to do.
@@ -374,6 +375,13 @@ def optimize(
         loss_value = float(loss.detach())
         history.append(loss_value)
         lowest_loss = float(per_sample.min())
+        # The restart anchor: the sample with the most target tokens right under teacher forcing
+        # so far, the lower loss among equals (the lowest loss alone where no term counts tokens).
+        by_loss = per_sample.argsort()  # (S,)
+        i = int(by_loss[0] if scored.accuracy is None else by_loss[scored.accuracy[by_loss].argmax()])
+        key = (0.0 if scored.accuracy is None else float(scored.accuracy[i]), -float(per_sample[i]))
+        if math.isfinite(key[1]) and (anchor is None or key > (anchor[1], -anchor[2])):
+            anchor = [draw.ids[i].tolist(), key[0], -key[1]]
         tau = float(draw.temperature.detach().float().mean())
 
         # Polish the incumbent, and decide on a restart, before the event that reports both.
@@ -437,10 +445,9 @@ def optimize(
             break
 
         # Restart when the lowest loss has not improved for search.restart_patience steps, near
-        # the best checked prompt when search.restart_bias is set.
+        # the anchor sample when search.restart_bias is set.
         if restart:
-            around = best.prompt_ids if best is not None and len(best.prompt_ids) == string.length else None
-            string.reinitialize(generator, around=around, bias=search.restart_bias)
+            string.reinitialize(generator, around=anchor[0] if anchor else None, bias=search.restart_bias)
             optimizer.state.clear()
             restart_low, restart_step = None, step
 

@@ -99,7 +99,7 @@ def test_defaults_valid_with_target():
 
     assert config.model == ModelConfig()
     assert config.prompt.length == 10
-    assert config.optimizer.lr == 1.0
+    assert config.optimizer.lr == 2.0
     assert config.objective.target == "hello"
     assert config.seed == 0
 
@@ -263,7 +263,7 @@ def test_exact_message_for_negative_lr(tmp_path):
 
     assert str(raised.value) == (
         f"{path}:4: optimizer.lr: expected a number > 0, got -1 "
-        "(set optimizer.lr to a number > 0, such as 1.0)"
+        "(set optimizer.lr to a number > 0, such as 2.0)"
     )
     assert raised.value.value == -1
 
@@ -773,7 +773,7 @@ def test_committed_quickstart_equals_template():
     assert config == config_from_dict(TEMPLATES["quickstart"], base_dir=path.parent)
     assert config.objective.target == "\n\nThe ancient ones, who had been watching"
     assert config.prompt.length == 10
-    assert config.optimizer.lr == 1.0
+    assert config.optimizer.lr == 2.0
     assert config.optimizer.steps == 300
     assert config.eval.every == 10
 

@@ -106,7 +106,7 @@ def test_restarts_counted_in_step_events(tiny_dm):
         prompt=PromptConfig(length=3, samples=1),
         objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
         optimizer=OptimizerConfig(steps=12, lr=1e-6),  # Too small to lower the loss, so restarts fire.
-        search=SearchConfig(restart_patience=2),
+        search=SearchConfig(restart_patience=2, restart_bias=0.0),
     )
     steps = []
     result = optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
@@ -115,7 +115,7 @@ def test_restarts_counted_in_step_events(tiny_dm):
     assert result.steps == 12
     assert counts == sorted(counts)
     assert counts[-1] >= 2
-    # The argmax prompt changes after each restart.
+    # The argmax prompt changes after each unbiased restart.
     assert len({e.prompt_text for e in steps}) > 2
 
 
@@ -173,24 +173,40 @@ def test_restart_bias_raises_the_given_tokens(tiny_dm):
         string.reinitialize(around=[3, 40, tiny_dm.vocab_size, 3], bias=1.0)
 
 
-def test_restart_bias_starts_at_the_best_prompt(tiny_dm, monkeypatch):
+def test_restart_bias_starts_at_the_best_sample(tiny_dm, monkeypatch):
+    """Each biased restart starts near the sample with the most target tokens right so far
+    (teacher-forced), the lowest loss among equals, across all samples of all earlier steps."""
+    from sdlm.objectives import TargetObjective
     from sdlm.stgs_diff_string import STGSDiffString
 
     config = Config(
-        prompt=PromptConfig(length=3, samples=1),
+        prompt=PromptConfig(length=3, samples=3),
         objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
         optimizer=OptimizerConfig(steps=12, lr=1e-6),  # Too small to lower the loss, so restarts fire.
-        eval=EvalConfig(every=1),
         search=SearchConfig(restart_patience=2, restart_bias=100.0),
     )
     restarts: list[tuple[list[int], float]] = []  # (around, bias) of each restart
-    reinitialize = STGSDiffString.reinitialize
+    samples: list[list[tuple[float, float, list[int]]]] = []  # per step: (accuracy, loss, ids) of each sample
+    reinitialize, sample, loss = STGSDiffString.reinitialize, STGSDiffString.sample, TargetObjective.loss
+    drawn: list = []
 
-    def record(self, generator=None, *, around=None, bias=0.0):
+    def record_restart(self, generator=None, *, around=None, bias=0.0):
         restarts.append((list(around), bias))
         reinitialize(self, generator, around=around, bias=bias)
 
-    monkeypatch.setattr(STGSDiffString, "reinitialize", record)
+    def record_sample(self, *args, **kwargs):
+        drawn.append(sample(self, *args, **kwargs))
+        return drawn[-1]
+
+    def record_loss(self, prompt_y):
+        out = loss(self, prompt_y)
+        ids = drawn[-1].ids.tolist()
+        samples.append([(float(a), float(l), i) for a, l, i in zip(out.accuracy, out.per_sample, ids)])
+        return out
+
+    monkeypatch.setattr(STGSDiffString, "reinitialize", record_restart)
+    monkeypatch.setattr(STGSDiffString, "sample", record_sample)
+    monkeypatch.setattr(TargetObjective, "loss", record_loss)
     events = []
     result = optimize(config, model=tiny_dm, on_event=events.append)
     steps = [e for e in events if isinstance(e, StepEvent)]
@@ -198,21 +214,15 @@ def test_restart_bias_starts_at_the_best_prompt(tiny_dm, monkeypatch):
     if steps[0].restarts:
         restart_steps.insert(0, steps[0].step)
     assert len(restarts) == len(restart_steps) >= 2
+    assert len(samples) == result.steps
 
-    # Each restart is biased toward the best prompt checked up to its step.
-    best_after: dict[int, list[int]] = {}  # step -> best prompt ids after that step's checks
-    step, best = 0, None
-    for event in events:
-        if isinstance(event, StepEvent):
-            step = event.step
-        elif getattr(event, "kind", None) == "eval":
-            best = event.best.prompt_ids
-        best_after[step] = best
     for (around, bias), step in zip(restarts, restart_steps):
+        seen = [s for per_step in samples[:step] for s in per_step]  # every sample up to the restart
+        best_key = max((accuracy, -loss) for accuracy, loss, _ in seen)
         assert bias == 100.0
-        assert around == best_after[step]
+        assert around in [ids for accuracy, loss, ids in seen if (accuracy, -loss) == best_key]
 
-    # The step after a restart has that prompt as its argmax, because its tokens lead every
+    # The step after a restart has that sample as its argmax, because its tokens lead every
     # other logit by about 100.
     followed = [(around, step) for (around, _), step in zip(restarts, restart_steps) if step < result.steps]
     assert followed
