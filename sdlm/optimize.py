@@ -376,12 +376,13 @@ def optimize(
         history.append(loss_value)
         lowest_loss = float(per_sample.min())
         # The restart anchor: the sample with the most target tokens right under teacher forcing
-        # so far, the lower loss among equals (the lowest loss alone where no term counts tokens).
-        by_loss = per_sample.argsort()  # (S,)
-        i = int(by_loss[0] if scored.accuracy is None else by_loss[scored.accuracy[by_loss].argmax()])
-        key = (0.0 if scored.accuracy is None else float(scored.accuracy[i]), -float(per_sample[i]))
-        if math.isfinite(key[1]) and (anchor is None or key > (anchor[1], -anchor[2])):
-            anchor = [draw.ids[i].tolist(), key[0], -key[1]]
+        # so far, then the lowest loss (the lowest loss alone where no term counts tokens).
+        by_loss = per_sample.argsort()  # (S,) sample indices, lowest loss first
+        top = int(by_loss[0] if scored.accuracy is None else by_loss[scored.accuracy[by_loss].argmax()])
+        top_accuracy = 0.0 if scored.accuracy is None else float(scored.accuracy[top])
+        top_loss = float(per_sample[top])
+        if math.isfinite(top_loss) and (anchor is None or (top_accuracy, -top_loss) > (anchor[1], -anchor[2])):
+            anchor = [draw.ids[top].tolist(), top_accuracy, top_loss]
         tau = float(draw.temperature.detach().float().mean())
 
         # Polish the incumbent, and decide on a restart, before the event that reports both.
