@@ -142,8 +142,9 @@ def load_targets(path: str | os.PathLike) -> list[BenchTarget]:
 class TargetResult:
     """The outcome of one method on one target.
 
-    success: greedy generation from the prompt ids reproduces the target; text_success: the same
-    after decode -> re-encode of the prompt. seconds: wall clock until success, or until the run
+    success: greedy generation from the prompt ids reproduces the target (as text too, under
+    eval.require_text); text_success: the same after decode -> re-encode of the prompt.
+    seconds: wall clock until success, or until the run
     ended without one. solved_at: seconds to success, None when unsolved.
     """
 
@@ -298,7 +299,7 @@ def run_bench(
         solved_at = outcome.seconds if outcome.success else None
         result = TargetResult(
             method=method, target_id=target.id, target_text=_target_text(model, run_config),
-            success=best.success, text_success=best.text_success, steps=outcome.steps, seconds=outcome.seconds,
+            success=outcome.success, text_success=best.text_success, steps=outcome.steps, seconds=outcome.seconds,
             solved_at=solved_at, prompt_text=best.prompt_text, prompt_ids=best.prompt_ids,
             token_accuracy=best.token_accuracy, lcs_ratio=best.lcs_ratio,
             extra={"best_step": outcome.best_step, "reason": outcome.reason},

@@ -309,6 +309,12 @@ class EvalConfig(_Validated):
         ge=1,
     )
     stop_on_success: bool = _option(True, help="Stop the run at the first successful check.")
+    require_text: bool = _option(
+        True,
+        help="Count a check as a success only when the prompt also works as text: its decoded "
+        "text, encoded again, passes the check too. Token ids that work only as ids then do not "
+        "stop the run.",
+    )
     checkpoint_every: int = _option(
         50,
         help="Steps between checkpoints in the run directory, which `sdlm optimize --resume` "

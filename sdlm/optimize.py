@@ -330,6 +330,10 @@ def optimize(
     if run and best is not None:
         run.write_best({"step": best_step, "loss": state.best_loss} | state.best)
 
+    def met(check: CheckResult) -> bool:
+        """Whether a check counts as a success: as text too when eval.require_text is set."""
+        return check.success and (check.text_success or not config.eval.require_text)
+
     def consider(ids: list[int], loss: float, step: int) -> bool:
         """Check one prompt; update the best. Returns True on success."""
         nonlocal best, best_step, best_key, best_loss
@@ -341,7 +345,7 @@ def optimize(
             if run:
                 run.write_best({"step": step, "loss": loss} | asdict(check))
         emit(EvalEvent(step=step, check=check, improved=improved, best=best))
-        return check.success
+        return met(check)
 
     def loop_state() -> LoopState:
         return LoopState(
@@ -353,7 +357,7 @@ def optimize(
         )
 
     # A resumed run that had already met its objective has nothing left to do.
-    last_step = state.step if best is not None and best.success and config.eval.stop_on_success else opt.steps
+    last_step = state.step if best is not None and met(best) and config.eval.stop_on_success else opt.steps
     for step in range(state.step + 1, last_step + 1):
         # Sample S prompts at this step's temperature (a schedule applies to a fixed temperature).
         temperature = None
@@ -468,7 +472,7 @@ def optimize(
     if run:
         run.save_string(string)
     result = OptimizeResult(
-        success=best.success, reason=reason if reason != "max_steps" or not best.success else "success",
+        success=met(best), reason=reason if reason != "max_steps" or not met(best) else "success",
         steps=step, seconds=time.perf_counter() - start, best=best, best_step=best_step,
         loss_history=history, run_dir=str(run.path) if run else None, string=string, message=message,
         report=objective.report(initial_ids, best.prompt_ids),

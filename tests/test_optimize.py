@@ -142,3 +142,29 @@ def test_learnable_temperature_run_skips_no_update(tiny_dm, mode):
     assert result.reason == "max_steps"
     assert [e.skipped for e in steps] == [False] * 5
     assert len({e.temperature for e in steps}) > 1  # the temperature learns
+
+
+@pytest.mark.parametrize("require_text", [False, True])
+def test_require_text_rejects_ids_only_success(tiny_dm, monkeypatch, require_text):
+    """A prompt whose ids reproduce the target but whose pasted text does not stops the run
+    only when eval.require_text is off."""
+    import dataclasses
+
+    from sdlm.objectives import TargetObjective
+
+    check = TargetObjective.check
+    monkeypatch.setattr(
+        TargetObjective, "check", lambda self, ids: dataclasses.replace(check(self, ids), success=True, text_success=False)
+    )
+    config = Config(
+        prompt=PromptConfig(length=3),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7]),
+        optimizer=OptimizerConfig(steps=4),
+        eval=EvalConfig(every=1, require_text=require_text),
+    )
+    result = optimize(config, model=tiny_dm)
+
+    assert result.best.success
+    assert result.success is not require_text
+    assert result.steps == (4 if require_text else 1)
+    assert result.reason == ("max_steps" if require_text else "success")
