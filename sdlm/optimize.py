@@ -331,7 +331,7 @@ def optimize(
         run.write_best({"step": best_step, "loss": state.best_loss} | state.best)
 
     def met(check: CheckResult) -> bool:
-        """Whether a check counts as a success: as text too when eval.require_text is set."""
+        """Return whether a check counts as a success: as pasted text too under eval.require_text."""
         return check.success and (check.text_success or not config.eval.require_text)
 
     def consider(ids: list[int], loss: float, step: int) -> bool:
