@@ -1,9 +1,10 @@
 """Run sdlm and GCG (nanoGCG) side by side on the same targets, model, machine and budget.
 
 Both methods get the exact target token ids, the same prompt length, the same per-target
-wall-clock budget and the same success check (`TargetObjective.check`: greedy generation from
-the prompt ids reproduces the target; the decode -> re-encode result is reported too). The
-model is loaded once and shared. Writes results.json, results.md and solved_vs_seconds.png.
+wall-clock budget and the same success check, `TargetObjective.check`. Greedy generation from
+the prompt ids must reproduce the target, and under eval.require_text (the default) so must the
+prompt's text after decode -> re-encode. The text result is reported either way. The model is
+loaded once and shared. Writes results.json, results.md and solved_vs_seconds.png.
 
 GCG comes from nanoGCG 0.3.0, used as a library: its own `GCG.run` loop does the search. Two
 hooks adapt it without changing the algorithm. A subclass swaps in the exact target ids once
@@ -36,8 +37,11 @@ PASSTHROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% 
 
 
 def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None, max_steps: int | None,
-                  search_width: int, topk: int, seed: int, on_event=None):
-    """GCG on each target with the sdlm success check; returns a sdlm.bench.MethodReport."""
+                  search_width: int, topk: int, seed: int, require_text: bool = True, on_event=None):
+    """Run GCG on each target with the sdlm success check, and return a sdlm.bench.MethodReport.
+
+    require_text: a success needs the prompt's text to work too, as eval.require_text does for sdlm.
+    """
     import torch
     from nanogcg.gcg import GCG, AttackBuffer, GCGConfig
 
@@ -45,6 +49,10 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
     from sdlm.objectives import TargetObjective
 
     emit = on_event or (lambda event: None)
+
+    def met(check) -> bool:
+        return check.success and (check.text_success or not require_text)
+
     tokenizer = copy.deepcopy(dm.tokenizer)  # nanoGCG may set a chat template on it
     tokenizer.chat_template = PASSTHROUGH_TEMPLATE
     init_ids = tokenizer.encode("x" + " x" * (prompt_length - 1), add_special_tokens=False)
@@ -69,11 +77,11 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
                     state["checked"].add(ids)
                     check = objective.check(list(ids))
                     best = state["best"]
-                    if best is None or (check.success, check.token_accuracy, check.lcs_ratio) > (
-                        best.success, best.token_accuracy, best.lcs_ratio
+                    if best is None or (met(check), check.token_accuracy, check.lcs_ratio) > (
+                        met(best), best.token_accuracy, best.lcs_ratio
                     ):
                         state["best"] = check
-                    if check.success and state["solved_at"] is None:
+                    if met(check) and state["solved_at"] is None:
                         state["solved_at"] = time.perf_counter() - start
                         gcg.stop_flag = True
                 out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
@@ -102,7 +110,7 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
         seconds = time.perf_counter() - start
         best = state["best"]
         result = TargetResult(
-            method="gcg", target_id=target.id, target_text=objective.target_text, success=best.success,
+            method="gcg", target_id=target.id, target_text=objective.target_text, success=met(best),
             text_success=best.text_success, steps=state["steps"], seconds=seconds, solved_at=state["solved_at"],
             prompt_text=best.prompt_text, prompt_ids=best.prompt_ids, token_accuracy=best.token_accuracy,
             lcs_ratio=best.lcs_ratio,
@@ -173,7 +181,7 @@ def main() -> None:
             else:
                 part = run_gcg_bench(dm, [target], prompt_length=next(iter(prompt_lengths)), max_seconds=args.max_seconds,
                                      max_steps=args.max_steps, search_width=args.search_width, topk=args.topk,
-                                     seed=config.seed)
+                                     seed=config.seed, require_text=config.eval.require_text)
             print_event(TargetFinished(method=method, index=index, total=len(targets), result=part.results[0]))
             report = reports[method]
             report.settings, report.peak_memory_mb = part.settings, part.peak_memory_mb

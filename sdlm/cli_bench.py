@@ -35,7 +35,8 @@ def bench(
     """Optimize a prompt for each target in TARGETS with one config and budget, and summarise.
 
     Success is the check of `sdlm optimize`: greedy generation from the prompt ids reproduces
-    the target. The tables also count the prompts that still work after decode -> re-encode.
+    the target, and by default (eval.require_text) so does the prompt's text after decode ->
+    re-encode. The tables also count the prompts whose text works.
     The results table goes to stdout. Progress goes to stderr: a progress bar on a terminal,
     one line per target otherwise.
     """

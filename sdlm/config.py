@@ -433,7 +433,7 @@ def dump_config(config: Config) -> str:
 
 TEMPLATES: dict[str, dict[str, Any]] = {
     # The embedded model produces this target after some 10-token prompt, so a solution exists.
-    # From seeds 0-4 on a 2-core CPU it took 10-40 steps (4-17 s).
+    # From seeds 0-4 on a 2-core CPU it took 10-100 steps (4-52 s) to a prompt that also works as text.
     "quickstart": {
         "prompt": {"length": 10},
         "objective": {"target": "\n\nThe ancient ones, who had been watching", "mode": "teacher_forcing"},
