@@ -144,8 +144,8 @@ class TargetResult:
 
     success: greedy generation from the prompt ids reproduces the target (as text too, under
     eval.require_text); text_success: the same after decode -> re-encode of the prompt.
-    seconds: wall clock until success, or until the run
-    ended without one. solved_at: seconds to success, None when unsolved.
+    seconds: wall clock until success, or until the run ended without one. solved_at: seconds
+    to success, None when unsolved.
     """
 
     method: str

@@ -176,6 +176,8 @@ def test_restart_bias_raises_the_given_tokens(tiny_dm):
 def test_restart_bias_starts_at_the_best_sample(tiny_dm, monkeypatch):
     """Each biased restart starts near the sample with the most target tokens right so far
     (teacher-forced), the lowest loss among equals, across all samples of all earlier steps."""
+    import dataclasses
+
     from sdlm.objectives import TargetObjective
     from sdlm.stgs_diff_string import STGSDiffString
 
@@ -199,7 +201,10 @@ def test_restart_bias_starts_at_the_best_sample(tiny_dm, monkeypatch):
         return drawn[-1]
 
     def record_loss(self, prompt_y):
+        # The accuracy ranks the samples in the order of their loss, highest loss first, so
+        # the anchor must follow the accuracy rather than the loss.
         out = loss(self, prompt_y)
+        out = dataclasses.replace(out, accuracy=out.per_sample.detach().argsort().argsort().float() / len(out.per_sample))
         ids = drawn[-1].ids.tolist()
         samples.append([(float(a), float(l), i) for a, l, i in zip(out.accuracy, out.per_sample, ids)])
         return out
