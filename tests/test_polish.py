@@ -201,8 +201,8 @@ def test_restart_bias_starts_at_the_best_sample(tiny_dm, monkeypatch):
         return drawn[-1]
 
     def record_loss(self, prompt_y):
-        # The accuracy ranks the samples in the order of their loss, highest loss first, so
-        # the anchor must follow the accuracy rather than the loss.
+        # The sample with the highest loss gets the highest accuracy, so the anchor must follow
+        # the accuracy rather than the loss.
         out = loss(self, prompt_y)
         out = dataclasses.replace(out, accuracy=out.per_sample.detach().argsort().argsort().float() / len(out.per_sample))
         ids = drawn[-1].ids.tolist()
