@@ -50,7 +50,7 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
 
     emit = on_event or (lambda event: None)
 
-    def met(check) -> bool:
+    def is_success(check) -> bool:
         return check.success and (check.text_success or not require_text)
 
     tokenizer = copy.deepcopy(dm.tokenizer)  # nanoGCG may set a chat template on it
@@ -77,11 +77,11 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
                     state["checked"].add(ids)
                     check = objective.check(list(ids))
                     best = state["best"]
-                    if best is None or (met(check), check.token_accuracy, check.lcs_ratio) > (
-                        met(best), best.token_accuracy, best.lcs_ratio
+                    if best is None or (is_success(check), check.token_accuracy, check.lcs_ratio) > (
+                        is_success(best), best.token_accuracy, best.lcs_ratio
                     ):
                         state["best"] = check
-                    if met(check) and state["solved_at"] is None:
+                    if is_success(check) and state["solved_at"] is None:
                         state["solved_at"] = time.perf_counter() - start
                         gcg.stop_flag = True
                 out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
@@ -110,7 +110,7 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
         seconds = time.perf_counter() - start
         best = state["best"]
         result = TargetResult(
-            method="gcg", target_id=target.id, target_text=objective.target_text, success=met(best),
+            method="gcg", target_id=target.id, target_text=objective.target_text, success=is_success(best),
             text_success=best.text_success, steps=state["steps"], seconds=seconds, solved_at=state["solved_at"],
             prompt_text=best.prompt_text, prompt_ids=best.prompt_ids, token_accuracy=best.token_accuracy,
             lcs_ratio=best.lcs_ratio,
@@ -118,6 +118,7 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
         results.append(result)
         emit(TargetFinished(method="gcg", index=index, total=len(targets), result=result))
     settings = {"search_width": search_width, "topk": topk, "max_seconds": max_seconds, "max_steps": max_steps,
+                "require_text": require_text,
                 "nanogcg": _version("nanogcg"), "init": tokenizer.decode(init_ids)}
     return MethodReport(method="gcg", settings=settings, results=results, peak_memory_mb=peak_memory_mb(str(dm.device)))
 

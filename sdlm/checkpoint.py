@@ -63,7 +63,7 @@ class LoopState:
     restart_low: float | None = None
     restart_step: int = 0
     restarts: int = 0
-    # The sample a biased restart starts near, as [ids, teacher-forced accuracy, loss], or None.
+    # The sample a biased restart starts near, as [ids, accuracy, loss], or None.
     anchor: list[Any] | None = None
 
 

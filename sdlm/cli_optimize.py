@@ -171,8 +171,8 @@ def _open_run(config, config_path: Path, *, force: bool, resume_dir: Path | None
     if resume_dir is not None:
         checkpoint = load_checkpoint(resume_dir)
         best = checkpoint.state.best or {}
-        met = best.get("success") and (best.get("text_success") or not config.eval.require_text)
-        done = bool(met) and config.eval.stop_on_success
+        succeeded = best.get("success") and (best.get("text_success") or not config.eval.require_text)
+        done = bool(succeeded) and config.eval.stop_on_success
         if not done and config.optimizer.steps <= checkpoint.state.step:
             raise CommandError(
                 f"--resume {resume_dir}: the checkpoint is at step {checkpoint.state.step} and "

@@ -311,9 +311,9 @@ class EvalConfig(_Validated):
     stop_on_success: bool = _option(True, help="Stop the run at the first successful check.")
     require_text: bool = _option(
         True,
-        help="Count a check as a success only when the prompt also works as text: its decoded "
-        "text, encoded again, passes the check too. Token ids that work only as ids then do not "
-        "stop the run.",
+        help="End the run as a success only at a prompt that also works as text: its decoded "
+        "text, encoded again, passes the check too. A prompt whose token ids alone pass is then "
+        "kept as the best so far, and the run goes on.",
     )
     checkpoint_every: int = _option(
         50,
@@ -350,7 +350,7 @@ class SearchConfig(_Validated):
     restart_bias: float = _option(
         10.0,
         help="Logit added at a restart to each token of the best sample so far (the most target "
-        "tokens right under teacher forcing, then the lowest loss), so the new start explores "
+        "tokens right in the step's scoring, then the lowest loss), so the new start explores "
         "around it. 0 restarts as restart_patience describes.",
         ge=0,
     )

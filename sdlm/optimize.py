@@ -325,13 +325,15 @@ def optimize(
     message: str | None = None
     non_finite_in_a_row = state.non_finite_in_a_row
     restart_low, restart_step, restarts = state.restart_low, state.restart_step, state.restarts
-    anchor: list | None = state.anchor  # [ids, teacher-forced accuracy, loss] of the anchor sample
+    # [ids, accuracy, loss] of the restart anchor. NOTE: a checkpoint written before anchors were
+    # saved resumes with none, so its next biased restart starts near a sample drawn after the resume.
+    anchor: list | None = state.anchor
     step = state.step
     if run and best is not None:
         run.write_best({"step": best_step, "loss": state.best_loss} | state.best)
 
-    def met(check: CheckResult) -> bool:
-        """Return whether a check counts as a success: as pasted text too under eval.require_text."""
+    def is_success(check: CheckResult) -> bool:
+        """Return whether a check ends the run as a success: as pasted text too under eval.require_text."""
         return check.success and (check.text_success or not config.eval.require_text)
 
     def consider(ids: list[int], loss: float, step: int) -> bool:
@@ -345,7 +347,7 @@ def optimize(
             if run:
                 run.write_best({"step": step, "loss": loss} | asdict(check))
         emit(EvalEvent(step=step, check=check, improved=improved, best=best))
-        return met(check)
+        return is_success(check)
 
     def loop_state() -> LoopState:
         return LoopState(
@@ -357,7 +359,7 @@ def optimize(
         )
 
     # A resumed run that had already met its objective has nothing left to do.
-    last_step = state.step if best is not None and met(best) and config.eval.stop_on_success else opt.steps
+    last_step = state.step if best is not None and is_success(best) and config.eval.stop_on_success else opt.steps
     for step in range(state.step + 1, last_step + 1):
         # Sample S prompts at this step's temperature (a schedule applies to a fixed temperature).
         temperature = None
@@ -379,12 +381,14 @@ def optimize(
         loss_value = float(loss.detach())
         history.append(loss_value)
         lowest_loss = float(per_sample.min())
-        # The restart anchor: the sample with the most target tokens right under teacher forcing
+        # The restart anchor: the sample with the most target tokens right in the step's scoring
         # so far, then the lowest loss (the lowest loss alone where no term counts tokens).
-        by_loss = per_sample.argsort()  # (S,) sample indices, lowest loss first
-        top = int(by_loss[0] if scored.accuracy is None else by_loss[scored.accuracy[by_loss].argmax()])
-        top_accuracy = 0.0 if scored.accuracy is None else float(scored.accuracy[top])
-        top_loss = float(per_sample[top])
+        # Samples with a non-finite loss never become the anchor.
+        by_loss = per_sample.argsort()  # (S,) sample indices, lowest loss first (NaN last)
+        sample_accuracy = torch.zeros_like(per_sample) if scored.accuracy is None else scored.accuracy.float()
+        sample_accuracy = sample_accuracy.masked_fill(~torch.isfinite(per_sample), -1.0)  # (S,)
+        top = int(by_loss[sample_accuracy[by_loss].argmax()])
+        top_accuracy, top_loss = float(sample_accuracy[top]), float(per_sample[top])
         if math.isfinite(top_loss) and (anchor is None or (top_accuracy, -top_loss) > (anchor[1], -anchor[2])):
             anchor = [draw.ids[top].tolist(), top_accuracy, top_loss]
         tau = float(draw.temperature.detach().float().mean())
@@ -472,7 +476,7 @@ def optimize(
     if run:
         run.save_string(string)
     result = OptimizeResult(
-        success=met(best), reason=reason if reason != "max_steps" or not met(best) else "success",
+        success=is_success(best), reason=reason if reason != "max_steps" or not is_success(best) else "success",
         steps=step, seconds=time.perf_counter() - start, best=best, best_step=best_step,
         loss_history=history, run_dir=str(run.path) if run else None, string=string, message=message,
         report=objective.report(initial_ids, best.prompt_ids),

@@ -173,7 +173,7 @@ def test_restart_bias_raises_the_given_tokens(tiny_dm):
         string.reinitialize(around=[3, 40, tiny_dm.vocab_size, 3], bias=1.0)
 
 
-def test_restart_bias_starts_at_the_best_sample(tiny_dm, monkeypatch):
+def test_biased_restart_follows_best_sample(tiny_dm, monkeypatch):
     """Each biased restart starts near the sample with the most target tokens right so far
     (teacher-forced), the lowest loss among equals, across all samples of all earlier steps."""
     import dataclasses
@@ -234,3 +234,46 @@ def test_restart_bias_starts_at_the_best_sample(tiny_dm, monkeypatch):
     for around, step in followed:
         after = next(e for e in steps if e.step == step + 1)
         assert after.prompt_text == tiny_dm.tokenizer.decode(around, clean_up_tokenization_spaces=False)
+
+
+def test_restart_anchor_skips_nan_samples(tiny_dm, monkeypatch):
+    """A sample with a non-finite loss never becomes the anchor, even with the best accuracy."""
+    import dataclasses
+
+    from sdlm.objectives import TargetObjective
+    from sdlm.stgs_diff_string import STGSDiffString
+
+    config = Config(
+        prompt=PromptConfig(length=3, samples=2),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8]),
+        optimizer=OptimizerConfig(steps=8, lr=1e-6),  # Too small to lower the loss, so restarts fire.
+        search=SearchConfig(restart_patience=2, restart_bias=100.0),
+    )
+    restarts: list[list[int]] = []
+    finite_ids: list[list[int]] = []  # the ids of sample 1, the only sample with a finite loss
+    reinitialize, sample, loss = STGSDiffString.reinitialize, STGSDiffString.sample, TargetObjective.loss
+    drawn: list = []
+
+    def record_restart(self, generator=None, *, around=None, bias=0.0):
+        restarts.append(list(around))
+        reinitialize(self, generator, around=around, bias=bias)
+
+    def record_sample(self, *args, **kwargs):
+        drawn.append(sample(self, *args, **kwargs))
+        return drawn[-1]
+
+    def nan_first_sample(self, prompt_y):
+        out = loss(self, prompt_y)
+        per_sample = out.per_sample.clone()
+        per_sample[0] = float("nan")
+        finite_ids.append(drawn[-1].ids[1].tolist())
+        return dataclasses.replace(out, per_sample=per_sample, accuracy=torch.tensor([1.0, 0.0]))
+
+    monkeypatch.setattr(STGSDiffString, "reinitialize", record_restart)
+    monkeypatch.setattr(STGSDiffString, "sample", record_sample)
+    monkeypatch.setattr(TargetObjective, "loss", nan_first_sample)
+    optimize(config, model=tiny_dm)
+
+    assert restarts
+    for around in restarts:
+        assert around in finite_ids
