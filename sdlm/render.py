@@ -114,6 +114,13 @@ def outcome(result: OptimizeResult) -> str:
     return "objective not met"
 
 
+def _success_word(check: CheckResult) -> str:
+    """Return "yes", "no", or "ids only" for a prompt whose token ids pass but whose text does not."""
+    if check.success and not check.text_success:
+        return "ids only"
+    return "yes" if check.success else "no"
+
+
 def round_trip(check: CheckResult) -> str:
     """Describe whether the prompt survives decode -> re-encode, and whether its text works."""
     if check.text_ids_same:
@@ -278,7 +285,7 @@ class PlainRenderer(_SteppedRenderer):
         elif isinstance(event, EvalEvent) and event.improved:
             check = event.check
             self._line(
-                f"new best at step {event.step}: success {'yes' if check.success else 'no'}  "
+                f"new best at step {event.step}: success {_success_word(check)}  "
                 f"token accuracy {check.token_accuracy:.3f}  LCS ratio {check.lcs_ratio:.3f}  "
                 f"prompt {quote(check.prompt_text)}  output {quote(check.output_text)}"
             )

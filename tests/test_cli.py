@@ -654,3 +654,21 @@ def test_round_trip_wording(same, success, text_success, expected):
     )
 
     assert round_trip(check) == expected
+
+
+@pytest.mark.parametrize(
+    "success, text_success, word", [(True, True, "yes"), (True, False, "ids only"), (False, False, "no")],
+    ids=["text-works", "only-ids-work", "neither-works"],
+)
+def test_plain_new_best_success_word(success, text_success, word):
+    from sdlm.objectives import CheckResult
+    from sdlm.render import PlainRenderer
+
+    check = CheckResult(
+        success=success, prompt_ids=[1], prompt_text="p", output_ids=[2], output_text="o", token_accuracy=1.0,
+        lcs_ratio=1.0, text_ids_same=False, text_success=text_success,
+    )
+    stream = io.StringIO()
+    PlainRenderer(stream).handle(EvalEvent(step=3, check=check, improved=True, best=check))
+
+    assert f"new best at step 3: success {word}  token accuracy" in stream.getvalue()
