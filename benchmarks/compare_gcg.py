@@ -49,10 +49,6 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
     from sdlm.objectives import TargetObjective
 
     emit = on_event or (lambda event: None)
-
-    def is_success(check) -> bool:
-        return check.success and (check.text_success or not require_text)
-
     tokenizer = copy.deepcopy(dm.tokenizer)  # nanoGCG may set a chat template on it
     tokenizer.chat_template = PASSTHROUGH_TEMPLATE
     init_ids = tokenizer.encode("x" + " x" * (prompt_length - 1), add_special_tokens=False)
@@ -77,11 +73,11 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
                     state["checked"].add(ids)
                     check = objective.check(list(ids))
                     best = state["best"]
-                    if best is None or (is_success(check), check.token_accuracy, check.lcs_ratio) > (
-                        is_success(best), best.token_accuracy, best.lcs_ratio
+                    if best is None or (check.meets(require_text), check.token_accuracy, check.lcs_ratio) > (
+                        best.meets(require_text), best.token_accuracy, best.lcs_ratio
                     ):
                         state["best"] = check
-                    if is_success(check) and state["solved_at"] is None:
+                    if check.meets(require_text) and state["solved_at"] is None:
                         state["solved_at"] = time.perf_counter() - start
                         gcg.stop_flag = True
                 out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
@@ -110,7 +106,7 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
         seconds = time.perf_counter() - start
         best = state["best"]
         result = TargetResult(
-            method="gcg", target_id=target.id, target_text=objective.target_text, success=is_success(best),
+            method="gcg", target_id=target.id, target_text=objective.target_text, success=best.meets(require_text),
             text_success=best.text_success, steps=state["steps"], seconds=seconds, solved_at=state["solved_at"],
             prompt_text=best.prompt_text, prompt_ids=best.prompt_ids, token_accuracy=best.token_accuracy,
             lcs_ratio=best.lcs_ratio,

@@ -166,13 +166,14 @@ def _open_run(config, config_path: Path, *, force: bool, resume_dir: Path | None
     Returns (run, checkpoint or None, whether the directory existed before).
     """
     from sdlm.checkpoint import load_checkpoint
+    from sdlm.objectives import CheckResult
     from sdlm.runs import RunDirectory, RunDirectoryError, default_run_name
 
     if resume_dir is not None:
         checkpoint = load_checkpoint(resume_dir)
-        best = checkpoint.state.best or {}
-        succeeded = best.get("success") and (best.get("text_success") or not config.eval.require_text)
-        done = bool(succeeded) and config.eval.stop_on_success
+        best = checkpoint.state.best
+        succeeded = best is not None and CheckResult(**best).meets(config.eval.require_text)
+        done = succeeded and config.eval.stop_on_success
         if not done and config.optimizer.steps <= checkpoint.state.step:
             raise CommandError(
                 f"--resume {resume_dir}: the checkpoint is at step {checkpoint.state.step} and "

@@ -64,6 +64,10 @@ class CheckResult:
     metrics: dict[str, float] = field(default_factory=dict)
     terms: dict[str, bool] = field(default_factory=dict)
 
+    def meets(self, require_text: bool) -> bool:
+        """Return whether this check ends a run as a success: the ids pass, and the text too when required."""
+        return self.success and (self.text_success or not require_text)
+
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, loss: TokenLoss = "cross_entropy", margin: float = 1.0) -> torch.Tensor:
     """Loss (N, T) of each target token given its logits (N, T, V) and ids (N, T).

@@ -332,10 +332,6 @@ def optimize(
     if run and best is not None:
         run.write_best({"step": best_step, "loss": state.best_loss} | state.best)
 
-    def is_success(check: CheckResult) -> bool:
-        """Return whether a check ends the run as a success: as pasted text too under eval.require_text."""
-        return check.success and (check.text_success or not config.eval.require_text)
-
     def consider(ids: list[int], loss: float, step: int) -> bool:
         """Check one prompt; update the best. Returns True on success."""
         nonlocal best, best_step, best_key, best_loss
@@ -347,7 +343,7 @@ def optimize(
             if run:
                 run.write_best({"step": step, "loss": loss} | asdict(check))
         emit(EvalEvent(step=step, check=check, improved=improved, best=best))
-        return is_success(check)
+        return check.meets(config.eval.require_text)
 
     def loop_state() -> LoopState:
         return LoopState(
@@ -359,7 +355,8 @@ def optimize(
         )
 
     # A resumed run that had already met its objective has nothing left to do.
-    last_step = state.step if best is not None and is_success(best) and config.eval.stop_on_success else opt.steps
+    done = best is not None and best.meets(config.eval.require_text) and config.eval.stop_on_success
+    last_step = state.step if done else opt.steps
     for step in range(state.step + 1, last_step + 1):
         # Sample S prompts at this step's temperature (a schedule applies to a fixed temperature).
         temperature = None
@@ -475,8 +472,9 @@ def optimize(
         consider(string.ids.tolist(), history[-1] if history else float("nan"), step)
     if run:
         run.save_string(string)
+    succeeded = best.meets(config.eval.require_text)
     result = OptimizeResult(
-        success=is_success(best), reason=reason if reason != "max_steps" or not is_success(best) else "success",
+        success=succeeded, reason=reason if reason != "max_steps" or not succeeded else "success",
         steps=step, seconds=time.perf_counter() - start, best=best, best_step=best_step,
         loss_history=history, run_dir=str(run.path) if run else None, string=string, message=message,
         report=objective.report(initial_ids, best.prompt_ids),

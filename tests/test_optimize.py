@@ -168,3 +168,25 @@ def test_require_text_rejects_ids_only_success(tiny_dm, monkeypatch, require_tex
     assert result.success is not require_text
     assert result.steps == (4 if require_text else 1)
     assert result.reason == ("max_steps" if require_text else "success")
+
+
+@pytest.mark.parametrize(
+    "success, text_success, require_text, expected",
+    [
+        (True, True, True, True),
+        (True, False, True, False),
+        (True, False, False, True),
+        (False, True, True, False),
+        (False, True, False, False),
+    ],
+    ids=["both-pass", "ids-only-required", "ids-only-allowed", "text-only-required", "text-only-allowed"],
+)
+def test_check_meets_text_requirement(success, text_success, require_text, expected):
+    from sdlm.objectives import CheckResult
+
+    check = CheckResult(
+        success=success, prompt_ids=[1], prompt_text="p", output_ids=[2], output_text="o", token_accuracy=1.0,
+        lcs_ratio=1.0, text_ids_same=False, text_success=text_success,
+    )
+
+    assert check.meets(require_text) is expected

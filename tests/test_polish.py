@@ -173,24 +173,13 @@ def test_restart_bias_raises_the_given_tokens(tiny_dm):
         string.reinitialize(around=[3, 40, tiny_dm.vocab_size, 3], bias=1.0)
 
 
-def test_biased_restart_follows_best_sample(tiny_dm, monkeypatch):
-    """Each biased restart starts near the sample with the most target tokens right so far
-    (teacher-forced), the lowest loss among equals, across all samples of all earlier steps."""
-    import dataclasses
-
-    from sdlm.objectives import TargetObjective
+def record_restarts_and_draws(monkeypatch) -> tuple[list[tuple[list[int], float]], list]:
+    """Patch STGSDiffString to record (around, bias) of each restart and the STGS draw of each step."""
     from sdlm.stgs_diff_string import STGSDiffString
 
-    config = Config(
-        prompt=PromptConfig(length=3, samples=3),
-        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
-        optimizer=OptimizerConfig(steps=12, lr=1e-6),  # Too small to lower the loss, so restarts fire.
-        search=SearchConfig(restart_patience=2, restart_bias=100.0),
-    )
-    restarts: list[tuple[list[int], float]] = []  # (around, bias) of each restart
-    samples: list[list[tuple[float, float, list[int]]]] = []  # per step: (accuracy, loss, ids) of each sample
-    reinitialize, sample, loss = STGSDiffString.reinitialize, STGSDiffString.sample, TargetObjective.loss
+    restarts: list[tuple[list[int], float]] = []
     drawn: list = []
+    reinitialize, sample = STGSDiffString.reinitialize, STGSDiffString.sample
 
     def record_restart(self, generator=None, *, around=None, bias=0.0):
         restarts.append((list(around), bias))
@@ -199,6 +188,28 @@ def test_biased_restart_follows_best_sample(tiny_dm, monkeypatch):
     def record_sample(self, *args, **kwargs):
         drawn.append(sample(self, *args, **kwargs))
         return drawn[-1]
+
+    monkeypatch.setattr(STGSDiffString, "reinitialize", record_restart)
+    monkeypatch.setattr(STGSDiffString, "sample", record_sample)
+    return restarts, drawn
+
+
+def test_biased_restart_follows_best_sample(tiny_dm, monkeypatch):
+    """Each biased restart starts near the sample with the most target tokens right so far
+    (teacher-forced), the lowest loss among equals, across all samples of all earlier steps."""
+    import dataclasses
+
+    from sdlm.objectives import TargetObjective
+
+    config = Config(
+        prompt=PromptConfig(length=3, samples=3),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
+        optimizer=OptimizerConfig(steps=12, lr=1e-6),  # Too small to lower the loss, so restarts fire.
+        search=SearchConfig(restart_patience=2, restart_bias=100.0),
+    )
+    restarts, drawn = record_restarts_and_draws(monkeypatch)
+    samples: list[list[tuple[float, float, list[int]]]] = []  # per step: (accuracy, loss, ids) of each sample
+    loss = TargetObjective.loss
 
     def record_loss(self, prompt_y):
         # The sample with the highest loss gets the highest accuracy, so the anchor must follow
@@ -209,8 +220,6 @@ def test_biased_restart_follows_best_sample(tiny_dm, monkeypatch):
         samples.append([(float(a), float(l), i) for a, l, i in zip(out.accuracy, out.per_sample, ids)])
         return out
 
-    monkeypatch.setattr(STGSDiffString, "reinitialize", record_restart)
-    monkeypatch.setattr(STGSDiffString, "sample", record_sample)
     monkeypatch.setattr(TargetObjective, "loss", record_loss)
     events = []
     result = optimize(config, model=tiny_dm, on_event=events.append)
@@ -241,7 +250,6 @@ def test_restart_anchor_skips_nan_samples(tiny_dm, monkeypatch):
     import dataclasses
 
     from sdlm.objectives import TargetObjective
-    from sdlm.stgs_diff_string import STGSDiffString
 
     config = Config(
         prompt=PromptConfig(length=3, samples=2),
@@ -249,18 +257,9 @@ def test_restart_anchor_skips_nan_samples(tiny_dm, monkeypatch):
         optimizer=OptimizerConfig(steps=8, lr=1e-6),  # Too small to lower the loss, so restarts fire.
         search=SearchConfig(restart_patience=2, restart_bias=100.0),
     )
-    restarts: list[list[int]] = []
+    restarts, drawn = record_restarts_and_draws(monkeypatch)
     finite_ids: list[list[int]] = []  # the ids of sample 1, the only sample with a finite loss
-    reinitialize, sample, loss = STGSDiffString.reinitialize, STGSDiffString.sample, TargetObjective.loss
-    drawn: list = []
-
-    def record_restart(self, generator=None, *, around=None, bias=0.0):
-        restarts.append(list(around))
-        reinitialize(self, generator, around=around, bias=bias)
-
-    def record_sample(self, *args, **kwargs):
-        drawn.append(sample(self, *args, **kwargs))
-        return drawn[-1]
+    loss = TargetObjective.loss
 
     def nan_first_sample(self, prompt_y):
         out = loss(self, prompt_y)
@@ -269,11 +268,9 @@ def test_restart_anchor_skips_nan_samples(tiny_dm, monkeypatch):
         finite_ids.append(drawn[-1].ids[1].tolist())
         return dataclasses.replace(out, per_sample=per_sample, accuracy=torch.tensor([1.0, 0.0]))
 
-    monkeypatch.setattr(STGSDiffString, "reinitialize", record_restart)
-    monkeypatch.setattr(STGSDiffString, "sample", record_sample)
     monkeypatch.setattr(TargetObjective, "loss", nan_first_sample)
     optimize(config, model=tiny_dm)
 
     assert restarts
-    for around in restarts:
+    for around, _ in restarts:
         assert around in finite_ids
