@@ -115,7 +115,7 @@ def outcome(result: OptimizeResult) -> str:
 
 
 def _success_word(check: CheckResult) -> str:
-    """Return "yes", "no", or "ids only" for a prompt whose token ids pass but whose text does not."""
+    """Return the log's success word: "yes", "no", or "ids only" when the ids pass but the text does not."""
     if check.success and not check.text_success:
         return "ids only"
     return "yes" if check.success else "no"

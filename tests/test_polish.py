@@ -195,8 +195,8 @@ def record_restarts_and_draws(monkeypatch) -> tuple[list[tuple[list[int], float]
 
 
 def test_biased_restart_follows_best_sample(tiny_dm, monkeypatch):
-    """Each biased restart starts near the sample with the most target tokens right so far
-    (teacher-forced), the lowest loss among equals, across all samples of all earlier steps."""
+    """Each biased restart starts near the sample with the most target tokens right so far,
+    then the lowest loss, over all samples of all earlier steps."""
     import dataclasses
 
     from sdlm.objectives import TargetObjective
