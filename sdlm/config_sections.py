@@ -313,7 +313,8 @@ class EvalConfig(_Validated):
         True,
         help="End the run as a success only at a prompt that also works as text: its decoded "
         "text, encoded again, passes the check too. A prompt whose token ids alone pass is then "
-        "kept as the best so far, and the run goes on.",
+        "kept as the best so far, and the run goes on. Whatever this is set to, a prompt whose text "
+        "passes but whose ids do not leads to a check of the ids its text encodes to.",
     )
     checkpoint_every: int = _option(
         50,

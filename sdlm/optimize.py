@@ -154,6 +154,23 @@ def _rank(check: CheckResult, loss: float) -> tuple:
     return (check.success, check.text_success, check.token_accuracy, check.lcs_ratio, -loss)
 
 
+def pasted_ids(check: CheckResult, tokenizer, allowed: torch.Tensor) -> list[int] | None:
+    """Return the ids that the checked prompt's text encodes to, or None.
+
+    None unless they differ from the prompt's ids, have the same length and are permitted by
+    allowed (V,) or (L, V). With no fixed text around the prompt, the text check ran on these
+    very ids, so when the text passes they pass as ids too.
+    """
+    ids = tokenizer.encode(check.prompt_text, add_special_tokens=False)
+    if ids == check.prompt_ids or len(ids) != len(check.prompt_ids) or max(ids) >= allowed.shape[-1]:
+        return None
+    ids_tensor = torch.tensor(ids, device=allowed.device)  # (L,)
+    allowed = allowed.expand(len(ids), -1)  # (L, V)
+    if not bool(allowed[torch.arange(len(ids), device=allowed.device), ids_tensor].all()):
+        return None
+    return ids
+
+
 def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -336,6 +353,13 @@ def optimize(
         """Check one prompt; update the best. Returns True on success."""
         nonlocal best, best_step, best_key, best_loss
         check = objective.check(ids)
+        if check.text_success and not check.success:
+            # The pasted text works though the sampled ids do not: check the ids of that text,
+            # which then work both ways.
+            text_ids = pasted_ids(check, model.tokenizer, string.allowed_mask)
+            if text_ids is not None and tuple(text_ids) not in checked:
+                checked.add(tuple(text_ids))
+                check = objective.check(text_ids)
         key = _rank(check, loss)
         improved = best_key is None or key > best_key
         if improved:

@@ -190,3 +190,63 @@ def test_check_meets_text_requirement(success, text_success, require_text, expec
     )
 
     assert check.meets(require_text) is expected
+
+
+def _check_of(tokenizer, ids):
+    from sdlm.objectives import CheckResult
+
+    return CheckResult(
+        success=False, prompt_ids=list(ids), prompt_text=tokenizer.decode(ids), output_ids=[], output_text="",
+        token_accuracy=0.0, lcs_ratio=0.0, text_ids_same=False, text_success=True,
+    )
+
+
+def test_pasted_ids_same_length_only(tiny_dm):
+    from sdlm.optimize import pasted_ids
+
+    tok = tiny_dm.tokenizer
+    h_en = [tok.convert_tokens_to_ids("h"), tok.convert_tokens_to_ids("en")]
+    he_n = [tok.convert_tokens_to_ids("he"), tok.convert_tokens_to_ids("n")]
+    allowed = torch.ones(tiny_dm.vocab_size, dtype=torch.bool)
+
+    assert pasted_ids(_check_of(tok, h_en), tok, allowed) == he_n
+    # Ids that are already the text's own tokens, and a text that encodes to fewer tokens.
+    assert pasted_ids(_check_of(tok, he_n), tok, allowed) is None
+    h_e = [tok.convert_tokens_to_ids("h"), tok.convert_tokens_to_ids("e")]
+    assert tok.encode(tok.decode(h_e)) == [he_n[0]]
+    assert pasted_ids(_check_of(tok, h_e), tok, allowed) is None
+    # A token that the prompt may not use, in the (V,) and the (L, V) form of the mask.
+    allowed[he_n[0]] = False
+    assert pasted_ids(_check_of(tok, h_en), tok, allowed) is None
+    per_position = torch.ones(2, tiny_dm.vocab_size, dtype=torch.bool)
+    per_position[1, he_n[1]] = False
+    assert pasted_ids(_check_of(tok, h_en), tok, per_position) is None
+
+
+def test_text_only_success_adopts_pasted_ids(tiny_dm, monkeypatch):
+    """A prompt whose text works but whose ids do not leads to a check of the text's own ids,
+    which end the run as a success that works both ways."""
+    import dataclasses
+
+    import sdlm.optimize as optimize_module
+    from sdlm.objectives import TargetObjective
+
+    fixed = [5, 6, 7]
+    check = TargetObjective.check
+    monkeypatch.setattr(optimize_module, "pasted_ids", lambda check_result, tokenizer, allowed: fixed)
+    monkeypatch.setattr(
+        TargetObjective, "check",
+        lambda self, ids: dataclasses.replace(check(self, ids), success=list(ids) == fixed, text_success=True),
+    )
+    config = Config(
+        prompt=PromptConfig(length=3),
+        objective=ObjectiveConfig(target_ids=[8, 9, 10]),
+        optimizer=OptimizerConfig(steps=4),
+        eval=EvalConfig(every=1),
+    )
+    result = optimize(config, model=tiny_dm)
+
+    assert result.success
+    assert result.steps == 1
+    assert result.best.prompt_ids == fixed
+    assert result.best.text_success
