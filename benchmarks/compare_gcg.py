@@ -18,6 +18,7 @@ nanoGCG 0.3.0 declares transformers<=4.47.1 but runs on transformers 5.x. Instal
 Usage:
     python benchmarks/compare_gcg.py TARGETS [--config BASE.yaml] [--limit N]
         [--max-seconds S] [--max-steps N] [--output DIR] [--search-width 128] [--topk 64]
+        [--methods sdlm,gcg] [--gcg-init x|target]
 """
 
 from __future__ import annotations
@@ -36,11 +37,25 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # nanoGCG draws a tqdm bar per run
 PASSTHROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
+def start_text(tokenizer, init: str, target_ids: list[int], prompt_length: int) -> str:
+    """Return GCG's start string: "x x ... x" (init "x"), or the target's first tokens (init
+    "target", the start of sdlm's `search.polish_from: target`) when their text encodes back
+    to prompt_length tokens, else "x x ... x"."""
+    x_text = "x" + " x" * (prompt_length - 1)
+    if init == "target":
+        copy_text = tokenizer.decode(list(target_ids)[:prompt_length])
+        if len(tokenizer.encode(copy_text, add_special_tokens=False)) == prompt_length:
+            return copy_text
+    return x_text
+
+
 def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None, max_steps: int | None,
-                  search_width: int, topk: int, seed: int, require_text: bool = True, on_event=None):
+                  search_width: int, topk: int, seed: int, require_text: bool = True, init: str = "x",
+                  on_event=None):
     """Run GCG on each target with the sdlm success check, and return a sdlm.bench.MethodReport.
 
     require_text: a success needs the prompt's text to work too, as eval.require_text does for sdlm.
+    init: the start string, "x" or "target" (see start_text).
     """
     import torch
     from nanogcg.gcg import GCG, AttackBuffer, GCGConfig
@@ -51,15 +66,18 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
     emit = on_event or (lambda event: None)
     tokenizer = copy.deepcopy(dm.tokenizer)  # nanoGCG may set a chat template on it
     tokenizer.chat_template = PASSTHROUGH_TEMPLATE
-    init_ids = tokenizer.encode("x" + " x" * (prompt_length - 1), add_special_tokens=False)
-    if len(init_ids) != prompt_length:
-        raise ValueError(f"the GCG start string encodes to {len(init_ids)} tokens, expected {prompt_length}")
+    x_ids = tokenizer.encode(start_text(tokenizer, "x", [], prompt_length), add_special_tokens=False)
+    if len(x_ids) != prompt_length:
+        raise ValueError(f"the GCG start string encodes to {len(x_ids)} tokens, expected {prompt_length}")
 
     results = []
+    starts = {}
     for index, target in enumerate(targets):
         emit(TargetStarted(method="gcg", index=index, total=len(targets), target_id=target.id))
         target_ids = target.target_ids or dm.tokenizer.encode(target.target_text, add_special_tokens=False)
         objective = TargetObjective(dm, target_ids)
+        start_string = start_text(tokenizer, init, target_ids, prompt_length)
+        starts[target.id] = start_string
         state = {"best": None, "checked": set(), "steps": 0, "solved_at": None, "last": None}
         start = time.perf_counter()
 
@@ -97,7 +115,7 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
                 return checked
 
         config = GCGConfig(
-            num_steps=max_steps or 1_000_000, optim_str_init=tokenizer.decode(init_ids), search_width=search_width,
+            num_steps=max_steps or 1_000_000, optim_str_init=start_string, search_width=search_width,
             topk=topk, use_prefix_cache=False, early_stop=False, verbosity="WARNING",
         )
         torch.manual_seed(seed)
@@ -115,7 +133,7 @@ def run_gcg_bench(dm, targets, *, prompt_length: int, max_seconds: float | None,
         emit(TargetFinished(method="gcg", index=index, total=len(targets), result=result))
     settings = {"search_width": search_width, "topk": topk, "max_seconds": max_seconds, "max_steps": max_steps,
                 "require_text": require_text,
-                "nanogcg": _version("nanogcg"), "init": tokenizer.decode(init_ids)}
+                "nanogcg": _version("nanogcg"), "init": init, "start_strings": starts}
     return MethodReport(method="gcg", settings=settings, results=results, peak_memory_mb=peak_memory_mb(str(dm.device)))
 
 
@@ -148,6 +166,8 @@ def main() -> None:
     parser.add_argument("--search-width", type=int, default=128, help="GCG candidates per step")
     parser.add_argument("--topk", type=int, default=64, help="GCG top-k tokens per position")
     parser.add_argument("--methods", default="sdlm,gcg", help="comma-separated methods to run, in order")
+    parser.add_argument("--gcg-init", choices=["x", "target"], default="x",
+                        help='GCG start: "x x ... x", or the target\'s first tokens as sdlm\'s polish_from target')
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.WARNING)
@@ -178,7 +198,7 @@ def main() -> None:
             else:
                 part = run_gcg_bench(dm, [target], prompt_length=next(iter(prompt_lengths)), max_seconds=args.max_seconds,
                                      max_steps=args.max_steps, search_width=args.search_width, topk=args.topk,
-                                     seed=config.seed, require_text=config.eval.require_text)
+                                     seed=config.seed, require_text=config.eval.require_text, init=args.gcg_init)
             print_event(TargetFinished(method=method, index=index, total=len(targets), result=part.results[0]))
             report = reports[method]
             report.settings, report.peak_memory_mb = part.settings, part.peak_memory_mb

@@ -43,6 +43,7 @@ TargetMode = Literal["teacher_forcing", "generation"]
 TargetLoss = Literal["cross_entropy", "margin"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 TemperatureSchedule = Literal["constant", "linear", "exponential", "cosine"]
+PolishStart = Literal["best", "target"]
 
 # numpy.random.seed accepts at most 2**32 - 1, so numpy, random and torch all accept this range.
 MAX_SEED = 2**32 - 1
@@ -331,15 +332,29 @@ class SearchConfig(_Validated):
     _prefix: ClassVar[str] = "search"
 
     polish_every: int = _option(
-        0,
+        25,
         help="Steps between rounds of the discrete polish, which tries gradient-ranked "
-        "single-token swaps of the best prompt seen and keeps one only if it brings the greedy "
-        "output closer to the target. 0 turns it off. Needs objective.target.",
+        "single-token swaps of one prompt and keeps a swap only if it brings the greedy output "
+        "closer to the target. 0 turns it off. Used only with objective.target or "
+        "objective.target_ids, and off for other objectives.",
         ge=0,
     )
-    polish_width: int = _option(32, help="Swaps tried per polish round, scored in one batch.", ge=1)
+    polish_width: int = _option(128, help="Swaps tried per polish round, scored in one batch.", ge=1)
     polish_topk: int = _option(
-        16, help="Tokens per position the swaps choose from, ranked by the one-hot gradient.", ge=1
+        64, help="Tokens per position the swaps choose from, ranked by the one-hot gradient.", ge=1
+    )
+    polish_from: PolishStart = _option(
+        "target",
+        help="The prompt the polish works on. best: the best prompt of the relaxed search, offered "
+        "again before every round. target: the target's own first tokens, polished on a track of "
+        "its own that the relaxed search never replaces. Language models tend to repeat text from "
+        "their input, so the target as a prompt often gets most target tokens right already.",
+    )
+    polish_after: int = _option(
+        100,
+        help="Steps of the relaxed search alone before the first polish round. Most targets "
+        "that the relaxed search finds, it finds sooner, so they pay nothing for the polish.",
+        ge=0,
     )
     restart_patience: int = _option(
         25,
@@ -415,14 +430,6 @@ class Config(_Validated):
                 "keywords.avoid or task examples)",
                 key="objective.target",
                 related_keys=("objective.target_ids",),
-            )
-
-        if self.search.polish_every and not has_target:
-            raise ConfigError(
-                f"search.polish_every: {self.search.polish_every} needs a target (set "
-                "objective.target, or set search.polish_every to 0)",
-                key="search.polish_every",
-                value=self.search.polish_every,
             )
 
         if has_task and self.prompt.chat != "none":

@@ -28,7 +28,7 @@ from sdlm.objectives_composite import CompositeObjective, EnsembleObjective, Ter
 from sdlm.objectives_keywords import KeywordsTerm
 from sdlm.objectives_prompt import EntropyTerm, FluencyTerm
 from sdlm.objectives_task import TaskTerm
-from sdlm.polish import Polisher, Scored
+from sdlm.polish import Polisher, Scored, target_copy
 from sdlm.runs import RunDirectory
 from sdlm.stgs import STGS
 from sdlm.stgs_diff_model import STGSDiffModel
@@ -306,10 +306,14 @@ def optimize(
     check_fits_model(config, model, objective, string)
     search = config.search
     polisher = None
-    if search.polish_every:
+    if search.polish_every and objective.target is not None:
         polisher = Polisher(
-            objective.target, string.allowed_mask, width=search.polish_width, topk=search.polish_topk, generator=generator
+            objective.target, string.allowed_mask, width=search.polish_width, topk=search.polish_topk,
+            generator=generator, tokenizer=model.tokenizer if config.eval.require_text else None,
         )
+        if search.polish_from == "target":
+            copy = target_copy(objective.target.target_ids[0], string.ids, string.allowed_mask)  # (L,)
+            polisher.offer(copy.unsqueeze(0))
     if ensemble:
         check_same_vocabulary(model, ensemble)
         others = [build_objective(config, extra, string) for extra in ensemble]
@@ -417,10 +421,11 @@ def optimize(
         # Polish the incumbent, and decide on a restart, before the event that reports both.
         polished: Scored | None = None
         polish_improved = False
-        if polisher is not None and step % search.polish_every == 0:
+        if polisher is not None and step > search.polish_after and step % search.polish_every == 0:
             before = polisher.incumbent
-            # The argmax prompt and the step's best sample compete with the incumbent first.
-            polisher.offer(torch.stack([string.ids, draw.ids[int(per_sample.argmin())]]))
+            if search.polish_from == "best":
+                # The argmax prompt and the step's best sample compete with the incumbent first.
+                polisher.offer(torch.stack([string.ids, draw.ids[int(per_sample.argmin())]]))
             polished = polisher.polish()
             polish_improved = polished != before
         restart = False

@@ -9,7 +9,9 @@ token ids instead. It keeps an incumbent prompt and, on each call:
 2. draws `width` single-token swaps, each at a random position, to one of the `topk` tokens
    whose gradient promises the largest decrease there;
 3. scores every swap in one batched teacher-forced forward pass and keeps the best one only
-   if it beats the incumbent.
+   if it beats the incumbent. With a tokenizer, swaps whose text does not encode back to the
+   same ids are dropped first, so a swap that works as ids also works as pasted text, unless
+   the fixed text around the prompt merges with it.
 
 Prompts are ranked by `matched`, the number of leading target tokens that greedy decoding
 reproduces, then by the mean target loss. Under teacher forcing, the argmax at target
@@ -70,10 +72,12 @@ def swap_candidates(
     width: int,
     topk: int,
     generator: torch.Generator | None = None,
+    tokenizer=None,
 ) -> torch.Tensor:
     """Draw `width` single-token swaps (B, L) of the incumbent, ranked by the one-hot gradient.
 
-    allowed: (V,) or (L, V) bool of the tokens each position may use.
+    allowed: (V,) or (L, V) bool of the tokens each position may use. tokenizer: when given,
+    keep only the swaps whose decoded text encodes back to the same ids.
     """
     model = objective.model
     ids = torch.tensor(incumbent.ids, device=model.device)  # (L,)
@@ -102,7 +106,27 @@ def swap_candidates(
     positions, choices = positions[keep], choices[keep]
     candidates = ids.repeat(positions.numel(), 1)  # (B, L)
     candidates[torch.arange(positions.numel(), device=ids.device), positions] = top[positions, choices]
-    return torch.unique(candidates, dim=0)
+    candidates = torch.unique(candidates, dim=0)
+    if tokenizer is not None:
+        rows = candidates.tolist()
+        stable = [tokenizer.encode(tokenizer.decode(row), add_special_tokens=False) == row for row in rows]
+        candidates = candidates[torch.tensor(stable, dtype=torch.bool, device=candidates.device)]
+    return candidates
+
+
+def target_copy(target_ids: torch.Tensor, fallback: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Return a prompt (L,) made of the target's first tokens, for a polish that starts there.
+
+    target_ids: (T,). fallback: (L,) ids for the positions past the target's end and for
+    target tokens that allowed (V,) or (L, V) does not permit there. Language models tend to
+    repeat text from their input, so this prompt often gets most target tokens right already.
+    """
+    length = fallback.numel()
+    ids = fallback.clone()  # (L,)
+    count = min(length, target_ids.numel())
+    ids[:count] = target_ids[:count].to(ids.device)
+    permitted = allowed.to(ids.device).expand(length, -1)[torch.arange(length, device=ids.device), ids]  # (L,)
+    return torch.where(permitted, ids, fallback)
 
 
 class Polisher:
@@ -120,6 +144,7 @@ class Polisher:
         width: int = 32,
         topk: int = 16,
         generator: torch.Generator | None = None,
+        tokenizer=None,
     ) -> None:
         if width < 1 or topk < 1:
             raise ValueError(f"width and topk must be >= 1, got {width} and {topk}")
@@ -127,6 +152,7 @@ class Polisher:
         self.allowed = allowed
         self.width, self.topk = width, topk
         self.generator = generator
+        self.tokenizer = tokenizer  # when set, only swaps that survive decode -> re-encode
         self.incumbent: Scored | None = None
 
     @property
@@ -150,7 +176,8 @@ class Polisher:
         if self.solved:
             return self.incumbent
         candidates = swap_candidates(
-            self.objective, self.incumbent, self.allowed, width=self.width, topk=self.topk, generator=self.generator
+            self.objective, self.incumbent, self.allowed, width=self.width, topk=self.topk, generator=self.generator,
+            tokenizer=self.tokenizer,
         )
         if candidates.numel() == 0:
             return self.incumbent

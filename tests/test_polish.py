@@ -8,7 +8,7 @@ from sdlm import STGSDiffModel
 from sdlm.config import Config, ConfigError, EvalConfig, ObjectiveConfig, OptimizerConfig, PromptConfig, SearchConfig
 from sdlm.objectives import TargetObjective, greedy_generate
 from sdlm.optimize import StepEvent, optimize
-from sdlm.polish import Polisher, matched_prefix, score_prompts, swap_candidates
+from sdlm.polish import Polisher, matched_prefix, score_prompts, swap_candidates, target_copy
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_loop_with_search_aids_succeeds(tiny_dm):
         objective=ObjectiveConfig(target_ids=target),
         optimizer=OptimizerConfig(steps=60),
         eval=EvalConfig(every=5),
-        search=SearchConfig(polish_every=1, polish_width=64, restart_patience=5),
+        search=SearchConfig(polish_every=1, polish_width=64, polish_from="best", polish_after=0, restart_patience=5),
     )
     result = optimize(config, model=tiny_dm)
     assert result.success
@@ -124,7 +124,7 @@ def test_polish_steps_report_the_incumbent(tiny_dm):
         prompt=PromptConfig(length=3, samples=1),
         objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
         optimizer=OptimizerConfig(steps=6),
-        search=SearchConfig(polish_every=3, polish_width=8),
+        search=SearchConfig(polish_every=3, polish_width=8, polish_after=0),
     )
     steps = []
     optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
@@ -132,9 +132,18 @@ def test_polish_steps_report_the_incumbent(tiny_dm):
     assert [e.polish_matched is not None for e in steps] == [False, False, True, False, False, True]
 
 
-def test_polish_needs_a_target():
-    with pytest.raises(ConfigError, match="search.polish_every"):
-        Config(keywords={"require": ["cat"]}, search=SearchConfig(polish_every=5))
+def test_polish_off_without_a_target(tiny_dm):
+    config = Config(
+        keywords={"require": ["cat"], "max_new_tokens": 2},
+        prompt=PromptConfig(length=3, samples=1),
+        optimizer=OptimizerConfig(steps=3),
+        search=SearchConfig(polish_every=1, polish_after=0),
+    )
+    steps = []
+    optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
+
+    assert len(steps) == 3
+    assert all(e.polish_matched is None for e in steps)
 
 
 def test_restart_returns_to_the_initial_text(tiny_dm):
@@ -274,3 +283,76 @@ def test_restart_anchor_skips_nan_samples(tiny_dm, monkeypatch):
     assert restarts
     for around, _ in restarts:
         assert around in finite_ids
+
+
+def test_target_copy_fills_gaps_from_fallback():
+    allowed = torch.ones(50, dtype=torch.bool)
+    fallback = torch.tensor([40, 41, 42, 43])
+
+    assert target_copy(torch.tensor([5, 6, 7, 8, 9, 10]), fallback, allowed).tolist() == [5, 6, 7, 8]
+    assert target_copy(torch.tensor([5, 6]), fallback, allowed).tolist() == [5, 6, 42, 43]
+    allowed[6] = False
+    assert target_copy(torch.tensor([5, 6, 7]), fallback, allowed).tolist() == [5, 41, 7, 43]
+    per_position = torch.ones(4, 50, dtype=torch.bool)
+    per_position[2, 7] = False
+    assert target_copy(torch.tensor([5, 6, 7]), fallback, per_position).tolist() == [5, 6, 42, 43]
+
+
+def test_swaps_with_tokenizer_survive_reencode(tiny_dm):
+    tok = tiny_dm.tokenizer
+    objective = TargetObjective(tiny_dm, [5, 6, 7])
+    allowed = torch.ones(tiny_dm.vocab_size, dtype=torch.bool)
+    start = score_prompts(objective, torch.tensor([tok.encode("hello world")]))[0]
+
+    def reencodes(row):
+        return tok.encode(tok.decode(row), add_special_tokens=False) == row
+
+    plain = swap_candidates(objective, start, allowed, width=64, topk=32, generator=torch.Generator().manual_seed(0))
+    assert not all(reencodes(row) for row in plain.tolist())
+    stable = swap_candidates(
+        objective, start, allowed, width=64, topk=32, generator=torch.Generator().manual_seed(0), tokenizer=tok
+    )
+    assert stable.shape[0] >= 1
+    assert all(reencodes(row) for row in stable.tolist())
+
+
+def test_polish_after_delays_first_round(tiny_dm):
+    config = Config(
+        prompt=PromptConfig(length=3, samples=1),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
+        optimizer=OptimizerConfig(steps=6),
+        search=SearchConfig(polish_every=2, polish_after=3, polish_width=8),
+    )
+    steps = []
+    optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
+
+    assert [e.polish_matched is not None for e in steps] == [False, False, False, True, False, True]
+
+
+def test_polish_from_target_keeps_its_own_track(tiny_dm, monkeypatch):
+    """With polish_from target, the polish starts at the target's own tokens, and the relaxed
+    search's prompts are never offered to it."""
+    offered, polished_from = [], []
+    offer, polish = Polisher.offer, Polisher.polish
+
+    def record_offer(self, prompt_ids):
+        offered.append(prompt_ids.tolist())
+        return offer(self, prompt_ids)
+
+    def record_polish(self):
+        polished_from.append(list(self.incumbent.ids))
+        return polish(self)
+
+    monkeypatch.setattr(Polisher, "offer", record_offer)
+    monkeypatch.setattr(Polisher, "polish", record_polish)
+    config = Config(
+        prompt=PromptConfig(length=3, samples=1),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
+        optimizer=OptimizerConfig(steps=4),
+        search=SearchConfig(polish_every=1, polish_width=8, polish_from="target", polish_after=0),
+    )
+    optimize(config, model=tiny_dm)
+
+    assert offered == [[[5, 6, 7]]]
+    assert len(polished_from) == 4
+    assert polished_from[0] == [5, 6, 7]

@@ -54,10 +54,12 @@ def evals(events) -> list[tuple[int, list[int], bool]]:
         ({}, None),
         ({"learnable_temperature": "scalar"}, None),
         ({"learnable_temperature": "per_position"}, None),
-        ({}, {"polish_every": 2, "polish_width": 8, "restart_patience": 2}),
+        ({}, {"polish_every": 2, "polish_width": 8, "polish_after": 0, "restart_patience": 2}),
+        ({}, {"polish_every": 2, "polish_width": 8, "polish_after": 0, "polish_from": "best", "restart_patience": 2}),
         ({}, {"restart_patience": 1, "restart_bias": 3.0}),
     ],
-    ids=["fixed-temperature", "scalar-temperature", "per-position-temperature", "polish-and-restarts", "biased-restarts"],
+    ids=["fixed-temperature", "scalar-temperature", "per-position-temperature", "polish-and-restarts",
+         "polish-best-and-restarts", "biased-restarts"],
 )
 def test_resume_matches_uninterrupted_run(tiny_dm, tmp_path, stgs, search):
     steps, stop_at = 12, 5
