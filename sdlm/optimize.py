@@ -309,7 +309,7 @@ def optimize(
     if search.polish_every and objective.target is not None:
         polisher = Polisher(
             objective.target, string.allowed_mask, width=search.polish_width, topk=search.polish_topk,
-            generator=generator, tokenizer=model.tokenizer if config.eval.require_text else None,
+            tokenizer=model.tokenizer if config.eval.require_text else None,
         )
         if search.polish_from == "target":
             copy = target_copy(objective.target.target_ids[0], string.ids, string.allowed_mask)  # (L,)
@@ -426,6 +426,9 @@ def optimize(
             if search.polish_from == "best":
                 # The argmax prompt and the step's best sample compete with the incumbent first.
                 polisher.offer(torch.stack([string.ids, draw.ids[int(per_sample.argmin())]]))
+            # Each round draws from its own generator, seeded by the run's seed and the step, so
+            # the relaxed search's draws are the same with or without the polish.
+            polisher.generator = torch.Generator(device=generator.device).manual_seed(config.seed * 1_000_003 + step)
             polished = polisher.polish()
             polish_improved = polished != before
         restart = False

@@ -356,3 +356,20 @@ def test_polish_from_target_keeps_its_own_track(tiny_dm, monkeypatch):
     assert offered == [[[5, 6, 7]]]
     assert len(polished_from) == 4
     assert polished_from[0] == [5, 6, 7]
+
+
+def test_polish_leaves_relaxed_draws_unchanged(tiny_dm):
+    """The relaxed search samples the same prompts with and without the polish."""
+
+    def sampled_prompts(polish_every):
+        config = Config(
+            prompt=PromptConfig(length=3, samples=1),
+            objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
+            optimizer=OptimizerConfig(steps=6),
+            search=SearchConfig(polish_every=polish_every, polish_width=8, polish_after=0, restart_patience=2),
+        )
+        steps = []
+        optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
+        return [(e.prompt_text, e.loss, e.restarts) for e in steps]
+
+    assert sampled_prompts(2) == sampled_prompts(0)
