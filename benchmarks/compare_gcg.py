@@ -39,11 +39,12 @@ PASSTHROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% 
 
 def start_text(tokenizer, init: str, target_ids: list[int], prompt_length: int) -> str:
     """Return GCG's start string: "x x ... x" (init "x"), or the target's first tokens (init
-    "target", the start of sdlm's `search.polish_from: target`) when their text encodes back
-    to prompt_length tokens, else "x x ... x"."""
+    "target", as sdlm's `search.polish_from: target` starts) when the target has at least
+    prompt_length tokens and their text encodes back to that many, else "x x ... x". Unlike
+    sdlm, which fills such gaps token by token, GCG then starts from "x x ... x"."""
     x_text = "x" + " x" * (prompt_length - 1)
     if init == "target":
-        copy_text = tokenizer.decode(list(target_ids)[:prompt_length])
+        copy_text = tokenizer.decode(list(target_ids)[:prompt_length], clean_up_tokenization_spaces=False)
         if len(tokenizer.encode(copy_text, add_special_tokens=False)) == prompt_length:
             return copy_text
     return x_text
@@ -167,7 +168,7 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=64, help="GCG top-k tokens per position")
     parser.add_argument("--methods", default="sdlm,gcg", help="comma-separated methods to run, in order")
     parser.add_argument("--gcg-init", choices=["x", "target"], default="x",
-                        help='GCG start: "x x ... x", or the target\'s first tokens as sdlm\'s polish_from target')
+                        help='GCG start: "x x ... x", or the target\'s first tokens as in sdlm\'s polish_from target')
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.WARNING)
@@ -201,7 +202,10 @@ def main() -> None:
                                      seed=config.seed, require_text=config.eval.require_text, init=args.gcg_init)
             print_event(TargetFinished(method=method, index=index, total=len(targets), result=part.results[0]))
             report = reports[method]
+            starts = report.settings.get("start_strings", {}) | part.settings.get("start_strings", {})
             report.settings, report.peak_memory_mb = part.settings, part.peak_memory_mb
+            if method == "gcg":
+                report.settings["start_strings"] = starts
             report.results.extend(part.results)
         paths = write_report(list(reports.values()), args.output, meta | {"targets_done": index + 1})
     print(Path(paths["markdown"]).read_text())

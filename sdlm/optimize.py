@@ -36,7 +36,8 @@ from sdlm.stgs_diff_string import STGSDiffString, banned_token_mask, build_vocab
 
 StopReason = Literal["success", "max_steps", "interrupted", "non_finite"]
 
-# How many candidate prompts the loop checks with real greedy generation in one step.
+# How many candidate prompts the loop checks with real greedy generation in one step. A
+# candidate whose text works but whose ids do not adds one check of the text's own ids.
 MAX_CHECKS_PER_STEP = 2
 
 
@@ -311,7 +312,7 @@ def optimize(
             objective.target, string.allowed_mask, width=search.polish_width, topk=search.polish_topk,
             tokenizer=model.tokenizer if config.eval.require_text else None,
         )
-        if search.polish_from == "target":
+        if search.polish_from == "target" and (resume is None or resume.state.incumbent is None):
             copy = target_copy(objective.target.target_ids[0], string.ids, string.allowed_mask)  # (L,)
             polisher.offer(copy.unsqueeze(0))
     if ensemble:
@@ -359,11 +360,13 @@ def optimize(
         check = objective.check(ids)
         if check.text_success and not check.success:
             # The pasted text works though the sampled ids do not: check the ids of that text,
-            # which then work both ways.
+            # and keep them if they pass. They are ranked with the sampled prompt's loss.
             text_ids = pasted_ids(check, model.tokenizer, string.allowed_mask)
             if text_ids is not None and tuple(text_ids) not in checked:
                 checked.add(tuple(text_ids))
-                check = objective.check(text_ids)
+                text_check = objective.check(text_ids)
+                if text_check.success:
+                    check = text_check
         key = _rank(check, loss)
         improved = best_key is None or key > best_key
         if improved:
@@ -467,8 +470,10 @@ def optimize(
                 candidates.append((draw.ids[i].tolist(), float(per_sample[i])))
         if step % config.eval.every == 0 or step == opt.steps:
             candidates.append((string.ids.tolist(), lowest_loss))
-        if polish_improved:
-            # A better incumbent goes to the greedy check, so the best prompt reflects it.
+        if polish_improved or (polisher is not None and polished is not None and polisher.solved):
+            # A better incumbent goes to the greedy check, so the best prompt reflects it, and so
+            # does one that reproduces the target from the start (a target copy can). The
+            # checked set keeps each prompt to one check.
             candidates.insert(0, (list(polished.ids), polished.loss))
         success = False
         n_checked = 0

@@ -10,8 +10,8 @@ token ids instead. It keeps an incumbent prompt and, on each call:
    whose gradient promises the largest decrease there;
 3. scores every swap in one batched teacher-forced forward pass and keeps the best one only
    if it beats the incumbent. With a tokenizer, swaps whose text does not encode back to the
-   same ids are dropped first, so a swap that works as ids also works as pasted text, unless
-   the fixed text around the prompt merges with it.
+   same ids are dropped first (unless that drops them all), so a swap that works as ids also
+   works as pasted text, unless the fixed text around the prompt merges with it.
 
 Prompts are ranked by `matched`, the number of leading target tokens that greedy decoding
 reproduces, then by the mean target loss. Under teacher forcing, the argmax at target
@@ -77,7 +77,8 @@ def swap_candidates(
     """Draw `width` single-token swaps (B, L) of the incumbent, ranked by the one-hot gradient.
 
     allowed: (V,) or (L, V) bool of the tokens each position may use. tokenizer: when given,
-    keep only the swaps whose decoded text encodes back to the same ids.
+    keep only the swaps whose decoded text encodes back to the same ids, or all of them when
+    none does.
     """
     model = objective.model
     ids = torch.tensor(incumbent.ids, device=model.device)  # (L,)
@@ -108,10 +109,17 @@ def swap_candidates(
     candidates[torch.arange(positions.numel(), device=ids.device), positions] = top[positions, choices]
     candidates = torch.unique(candidates, dim=0)
     if tokenizer is not None:
-        rows = candidates.tolist()
-        stable = [tokenizer.encode(tokenizer.decode(row), add_special_tokens=False) == row for row in rows]
-        candidates = candidates[torch.tensor(stable, dtype=torch.bool, device=candidates.device)]
+        stable = torch.tensor([reencodes(tokenizer, row) for row in candidates.tolist()], dtype=torch.bool)
+        # An incumbent that does not re-encode itself may have no stable swap, and then keeps them all.
+        if stable.any():
+            candidates = candidates[stable.to(candidates.device)]
     return candidates
+
+
+def reencodes(tokenizer, ids: list[int]) -> bool:
+    """Return whether the decoded text of ids encodes back to the same ids."""
+    text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    return tokenizer.encode(text, add_special_tokens=False) == ids
 
 
 def target_copy(target_ids: torch.Tensor, fallback: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

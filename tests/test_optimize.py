@@ -250,3 +250,30 @@ def test_text_only_success_adopts_pasted_ids(tiny_dm, monkeypatch):
     assert result.steps == 1
     assert result.best.prompt_ids == fixed
     assert result.best.text_success
+
+
+def test_failed_pasted_ids_keep_original_check(tiny_dm, monkeypatch):
+    """When the text's own ids fail, the prompt that was checked stays the best prompt."""
+    import dataclasses
+
+    import sdlm.optimize as optimize_module
+    from sdlm.objectives import TargetObjective
+
+    pasted = [5, 6, 7]
+    check = TargetObjective.check
+    monkeypatch.setattr(optimize_module, "pasted_ids", lambda check_result, tokenizer, allowed: pasted)
+    monkeypatch.setattr(
+        TargetObjective, "check",
+        lambda self, ids: dataclasses.replace(check(self, ids), success=False, text_success=list(ids) != pasted),
+    )
+    config = Config(
+        prompt=PromptConfig(length=3),
+        objective=ObjectiveConfig(target_ids=[8, 9, 10]),
+        optimizer=OptimizerConfig(steps=1),
+        eval=EvalConfig(every=1),
+    )
+    result = optimize(config, model=tiny_dm)
+
+    assert not result.success
+    assert result.best.prompt_ids != pasted
+    assert result.best.text_success

@@ -373,3 +373,53 @@ def test_polish_leaves_relaxed_draws_unchanged(tiny_dm):
         return [(e.prompt_text, e.loss, e.restarts) for e in steps]
 
     assert sampled_prompts(2) == sampled_prompts(0)
+
+
+def test_target_copy_that_already_works_is_checked(tiny_dm):
+    # This random model continues [4, 4, 4] with [4, 4, 4], so the target copy is a solution
+    # before any swap, and no swap can improve it.
+    assert greedy_generate(tiny_dm, [4, 4, 4], 3) == [4, 4, 4]
+    config = Config(
+        prompt=PromptConfig(length=3, samples=1),
+        objective=ObjectiveConfig(target_ids=[4, 4, 4]),
+        optimizer=OptimizerConfig(steps=3),
+        eval=EvalConfig(every=100),
+        search=SearchConfig(polish_every=1, polish_after=0, polish_width=8),
+    )
+    result = optimize(config, model=tiny_dm)
+
+    assert result.success
+    assert result.steps == 1
+    assert result.best.prompt_ids == [4, 4, 4]
+
+
+def test_polish_first_round_after_polish_after(tiny_dm):
+    config = Config(
+        prompt=PromptConfig(length=3, samples=1),
+        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
+        optimizer=OptimizerConfig(steps=6),
+        search=SearchConfig(polish_every=2, polish_after=2, polish_width=8),
+    )
+    steps = []
+    optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
+
+    # Step 2 is the last relaxed step alone, so the rounds come at steps 4 and 6.
+    assert [e.polish_matched is not None for e in steps] == [False, False, False, True, False, True]
+
+
+def test_unstable_incumbent_keeps_all_swaps(tiny_dm):
+    tok = tiny_dm.tokenizer
+    h, en = tok.convert_tokens_to_ids("h"), tok.convert_tokens_to_ids("en")
+    # "h" + "en" encodes as "he" + "n", twice, and one swap can repair only one of the pairs.
+    incumbent_ids = [h, en, h, en]
+    objective = TargetObjective(tiny_dm, [5, 6, 7])
+    allowed = torch.ones(tiny_dm.vocab_size, dtype=torch.bool)
+    start = score_prompts(objective, torch.tensor([incumbent_ids]))[0]
+
+    plain = swap_candidates(objective, start, allowed, width=16, topk=8, generator=torch.Generator().manual_seed(0))
+    filtered = swap_candidates(
+        objective, start, allowed, width=16, topk=8, generator=torch.Generator().manual_seed(0), tokenizer=tok
+    )
+
+    assert plain.shape[0] >= 1
+    assert torch.equal(filtered, plain)
