@@ -9,8 +9,8 @@ token ids instead. It keeps an incumbent prompt and, on each call:
 2. draws `width` single-token swaps, each at a random position, to one of the `topk` tokens
    whose gradient promises the largest decrease there;
 3. scores every swap in one batched teacher-forced forward pass and keeps the best one only
-   if it beats the incumbent. With a tokenizer, swaps whose text does not encode back to the
-   same ids are dropped first (unless that drops them all), so a swap that works as ids also
+   if it beats the incumbent. With a tokenizer, and an incumbent whose text encodes back to
+   the same ids, swaps whose text does not are dropped first, so a swap that works as ids also
    works as pasted text, unless the fixed text around the prompt merges with it.
 
 Prompts are ranked by `matched`, the number of leading target tokens that greedy decoding
@@ -25,6 +25,7 @@ Shapes: `B` candidate prompts, `L` prompt length, `T` target length, `V` vocabul
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +78,8 @@ def swap_candidates(
     """Draw `width` single-token swaps (B, L) of the incumbent, ranked by the one-hot gradient.
 
     allowed: (V,) or (L, V) bool of the tokens each position may use. tokenizer: when given,
-    keep only the swaps whose decoded text encodes back to the same ids, or all of them when
-    none does.
+    and the incumbent's decoded text encodes back to its ids, keep only the swaps for which
+    the same holds.
     """
     model = objective.model
     ids = torch.tensor(incumbent.ids, device=model.device)  # (L,)
@@ -108,18 +109,18 @@ def swap_candidates(
     candidates = ids.repeat(positions.numel(), 1)  # (B, L)
     candidates[torch.arange(positions.numel(), device=ids.device), positions] = top[positions, choices]
     candidates = torch.unique(candidates, dim=0)
-    if tokenizer is not None:
+    # The filter applies only to an incumbent that re-encodes to itself. For one that does not,
+    # the only stable swaps are those that repair its joins, too few to search with.
+    if tokenizer is not None and reencodes(tokenizer, incumbent.ids):
         stable = torch.tensor([reencodes(tokenizer, row) for row in candidates.tolist()], dtype=torch.bool)
-        # An incumbent that does not re-encode itself may have no stable swap, and then keeps them all.
-        if stable.any():
-            candidates = candidates[stable.to(candidates.device)]
+        candidates = candidates[stable.to(candidates.device)]
     return candidates
 
 
-def reencodes(tokenizer, ids: list[int]) -> bool:
+def reencodes(tokenizer, ids: Sequence[int]) -> bool:
     """Return whether the decoded text of ids encodes back to the same ids."""
-    text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
-    return tokenizer.encode(text, add_special_tokens=False) == ids
+    text = tokenizer.decode(list(ids), clean_up_tokenization_spaces=False)
+    return tokenizer.encode(text, add_special_tokens=False) == list(ids)
 
 
 def target_copy(target_ids: torch.Tensor, fallback: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -410,8 +410,8 @@ def test_polish_first_round_after_polish_after(tiny_dm):
 def test_unstable_incumbent_keeps_all_swaps(tiny_dm):
     tok = tiny_dm.tokenizer
     h, en = tok.convert_tokens_to_ids("h"), tok.convert_tokens_to_ids("en")
-    # "h" + "en" encodes as "he" + "n", twice, and one swap can repair only one of the pairs.
-    incumbent_ids = [h, en, h, en]
+    # "h" + "en" encodes as "he" + "n", so the incumbent does not re-encode to itself.
+    incumbent_ids = [h, en, 40, 41]
     objective = TargetObjective(tiny_dm, [5, 6, 7])
     allowed = torch.ones(tiny_dm.vocab_size, dtype=torch.bool)
     start = score_prompts(objective, torch.tensor([incumbent_ids]))[0]
