@@ -352,8 +352,8 @@ class SearchConfig(_Validated):
     )
     polish_after: int = _option(
         100,
-        help="Steps of the relaxed search alone. The first polish round comes at the next "
-        "multiple of polish_every (step 125 by default). Most targets that the relaxed search "
+        help="Steps of the relaxed search alone. The first polish round comes at the first "
+        "multiple of polish_every after it (step 125 by default). Most targets that the relaxed search "
         "finds, it finds sooner, so they pay nothing for the polish.",
         ge=0,
     )

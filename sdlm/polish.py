@@ -161,7 +161,7 @@ class Polisher:
         self.allowed = allowed
         self.width, self.topk = width, topk
         self.generator = generator
-        self.tokenizer = tokenizer  # when set, only swaps that survive decode -> re-encode
+        self.tokenizer = tokenizer  # when set, swaps must survive decode -> re-encode (see swap_candidates)
         self.incumbent: Scored | None = None
 
     @property
