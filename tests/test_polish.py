@@ -119,17 +119,24 @@ def test_restarts_counted_in_step_events(tiny_dm):
     assert len({e.prompt_text for e in steps}) > 2
 
 
-def test_polish_steps_report_the_incumbent(tiny_dm):
+@pytest.mark.parametrize(
+    "every, after, rounds",
+    [(3, 0, {3, 6}), (2, 3, {4, 6}), (2, 2, {4, 6})],
+    ids=["every-3", "after-3", "after-2"],  # after 2: step 2 is the last relaxed step alone
+)
+def test_polish_rounds_follow_schedule(tiny_dm, every, after, rounds):
+    """Polish steps, which report the incumbent's matched tokens, are the multiples of
+    polish_every after polish_after."""
     config = Config(
         prompt=PromptConfig(length=3, samples=1),
         objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
         optimizer=OptimizerConfig(steps=6),
-        search=SearchConfig(polish_every=3, polish_width=8, polish_after=0),
+        search=SearchConfig(polish_every=every, polish_after=after, polish_width=8),
     )
     steps = []
     optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
 
-    assert [e.polish_matched is not None for e in steps] == [False, False, True, False, False, True]
+    assert [e.polish_matched is not None for e in steps] == [step in rounds for step in range(1, 7)]
 
 
 def test_polish_off_without_a_target(tiny_dm):
@@ -316,19 +323,6 @@ def test_swaps_with_tokenizer_survive_reencode(tiny_dm):
     assert all(reencodes(row) for row in stable.tolist())
 
 
-def test_polish_after_delays_first_round(tiny_dm):
-    config = Config(
-        prompt=PromptConfig(length=3, samples=1),
-        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
-        optimizer=OptimizerConfig(steps=6),
-        search=SearchConfig(polish_every=2, polish_after=3, polish_width=8),
-    )
-    steps = []
-    optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
-
-    assert [e.polish_matched is not None for e in steps] == [False, False, False, True, False, True]
-
-
 def test_polish_from_target_keeps_its_own_track(tiny_dm, monkeypatch):
     """With polish_from target, the polish starts at the target's own tokens, and the relaxed
     search's prompts are never offered to it."""
@@ -391,20 +385,6 @@ def test_target_copy_that_already_works_is_checked(tiny_dm):
     assert result.success
     assert result.steps == 1
     assert result.best.prompt_ids == [4, 4, 4]
-
-
-def test_polish_first_round_after_polish_after(tiny_dm):
-    config = Config(
-        prompt=PromptConfig(length=3, samples=1),
-        objective=ObjectiveConfig(target_ids=[5, 6, 7, 8, 9, 10]),
-        optimizer=OptimizerConfig(steps=6),
-        search=SearchConfig(polish_every=2, polish_after=2, polish_width=8),
-    )
-    steps = []
-    optimize(config, model=tiny_dm, on_event=lambda e: steps.append(e) if isinstance(e, StepEvent) else None)
-
-    # Step 2 is the last relaxed step alone, so the rounds come at steps 4 and 6.
-    assert [e.polish_matched is not None for e in steps] == [False, False, False, True, False, True]
 
 
 def test_unstable_incumbent_keeps_all_swaps(tiny_dm):
