@@ -28,7 +28,7 @@ from sdlm.objectives_composite import CompositeObjective, EnsembleObjective, Ter
 from sdlm.objectives_keywords import KeywordsTerm
 from sdlm.objectives_prompt import EntropyTerm, FluencyTerm
 from sdlm.objectives_task import TaskTerm
-from sdlm.polish import Polisher, Scored, target_copy
+from sdlm.polish import Polisher, Scored, permitted, target_copy
 from sdlm.runs import RunDirectory
 from sdlm.stgs import STGS
 from sdlm.stgs_diff_model import STGSDiffModel
@@ -165,9 +165,7 @@ def pasted_ids(check: CheckResult, tokenizer, allowed: torch.Tensor) -> list[int
     ids = tokenizer.encode(check.prompt_text, add_special_tokens=False)
     if ids == check.prompt_ids or len(ids) != len(check.prompt_ids) or max(ids) >= allowed.shape[-1]:
         return None
-    ids_tensor = torch.tensor(ids, device=allowed.device)  # (L,)
-    allowed = allowed.expand(len(ids), -1)  # (L, V)
-    if not bool(allowed[torch.arange(len(ids), device=allowed.device), ids_tensor].all()):
+    if not bool(permitted(allowed, torch.tensor(ids, device=allowed.device)).all()):
         return None
     return ids
 
@@ -470,10 +468,9 @@ def optimize(
                 candidates.append((draw.ids[i].tolist(), float(per_sample[i])))
         if step % config.eval.every == 0 or step == opt.steps:
             candidates.append((string.ids.tolist(), lowest_loss))
-        if polish_improved or (polisher is not None and polished is not None and polisher.solved):
-            # A better incumbent goes to the greedy check, so the best prompt reflects it, and so
-            # does one that reproduces the target from the start (a target copy can). The
-            # checked set keeps each prompt to one check.
+        if polished is not None and (polish_improved or polisher.solved):
+            # A better incumbent goes to the greedy check, and so does one that reproduced the
+            # target from the start, as a target copy can. The checked set allows one check each.
             candidates.insert(0, (list(polished.ids), polished.loss))
         success = False
         n_checked = 0

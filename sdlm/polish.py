@@ -123,6 +123,13 @@ def reencodes(tokenizer, ids: Sequence[int]) -> bool:
     return tokenizer.encode(text, add_special_tokens=False) == list(ids)
 
 
+def permitted(allowed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Return (L,) bool: whether allowed (V,) or (L, V) permits each of ids (L,) at its position."""
+    length = ids.numel()
+    positions = torch.arange(length, device=ids.device)
+    return allowed.to(ids.device).expand(length, -1)[positions, ids]
+
+
 def target_copy(target_ids: torch.Tensor, fallback: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Return a prompt (L,) made of the target's first tokens, for a polish that starts there.
 
@@ -134,8 +141,7 @@ def target_copy(target_ids: torch.Tensor, fallback: torch.Tensor, allowed: torch
     ids = fallback.clone()  # (L,)
     count = min(length, target_ids.numel())
     ids[:count] = target_ids[:count].to(ids.device)
-    permitted = allowed.to(ids.device).expand(length, -1)[torch.arange(length, device=ids.device), ids]  # (L,)
-    return torch.where(permitted, ids, fallback)
+    return torch.where(permitted(allowed, ids), ids, fallback)
 
 
 class Polisher:

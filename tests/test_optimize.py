@@ -223,28 +223,36 @@ def test_pasted_ids_same_length_only(tiny_dm):
     assert pasted_ids(_check_of(tok, h_en), tok, per_position) is None
 
 
-def test_text_only_success_adopts_pasted_ids(tiny_dm, monkeypatch):
-    """A prompt whose text works but whose ids do not leads to a check of the text's own ids,
-    which end the run as a success that works both ways."""
+def _optimize_with_pasted_ids(tiny_dm, monkeypatch, pasted, outcome, steps):
+    """Run a 3-token prompt whose checks pass as outcome(ids) -> (success, text_success) says,
+    and whose text's own ids are always `pasted`."""
     import dataclasses
 
     import sdlm.optimize as optimize_module
     from sdlm.objectives import TargetObjective
 
-    fixed = [5, 6, 7]
     check = TargetObjective.check
-    monkeypatch.setattr(optimize_module, "pasted_ids", lambda check_result, tokenizer, allowed: fixed)
-    monkeypatch.setattr(
-        TargetObjective, "check",
-        lambda self, ids: dataclasses.replace(check(self, ids), success=list(ids) == fixed, text_success=True),
-    )
+
+    def patched_check(self, ids):
+        success, text_success = outcome(list(ids))
+        return dataclasses.replace(check(self, ids), success=success, text_success=text_success)
+
+    monkeypatch.setattr(optimize_module, "pasted_ids", lambda check_result, tokenizer, allowed: pasted)
+    monkeypatch.setattr(TargetObjective, "check", patched_check)
     config = Config(
         prompt=PromptConfig(length=3),
         objective=ObjectiveConfig(target_ids=[8, 9, 10]),
-        optimizer=OptimizerConfig(steps=4),
+        optimizer=OptimizerConfig(steps=steps),
         eval=EvalConfig(every=1),
     )
-    result = optimize(config, model=tiny_dm)
+    return optimize(config, model=tiny_dm)
+
+
+def test_text_only_success_adopts_pasted_ids(tiny_dm, monkeypatch):
+    """A prompt whose text works but whose ids do not leads to a check of the text's own ids,
+    which end the run as a success that works both ways."""
+    fixed = [5, 6, 7]
+    result = _optimize_with_pasted_ids(tiny_dm, monkeypatch, fixed, lambda ids: (ids == fixed, True), steps=4)
 
     assert result.success
     assert result.steps == 1
@@ -254,25 +262,8 @@ def test_text_only_success_adopts_pasted_ids(tiny_dm, monkeypatch):
 
 def test_failed_pasted_ids_keep_original_check(tiny_dm, monkeypatch):
     """When the text's own ids fail, the prompt that was checked stays the best prompt."""
-    import dataclasses
-
-    import sdlm.optimize as optimize_module
-    from sdlm.objectives import TargetObjective
-
     pasted = [5, 6, 7]
-    check = TargetObjective.check
-    monkeypatch.setattr(optimize_module, "pasted_ids", lambda check_result, tokenizer, allowed: pasted)
-    monkeypatch.setattr(
-        TargetObjective, "check",
-        lambda self, ids: dataclasses.replace(check(self, ids), success=False, text_success=list(ids) != pasted),
-    )
-    config = Config(
-        prompt=PromptConfig(length=3),
-        objective=ObjectiveConfig(target_ids=[8, 9, 10]),
-        optimizer=OptimizerConfig(steps=1),
-        eval=EvalConfig(every=1),
-    )
-    result = optimize(config, model=tiny_dm)
+    result = _optimize_with_pasted_ids(tiny_dm, monkeypatch, pasted, lambda ids: (False, ids != pasted), steps=1)
 
     assert not result.success
     assert result.best.prompt_ids != pasted
