@@ -247,7 +247,11 @@ class STGSDiffModel(nn.Module):
             "use_cache": use_cache,
         }
         if self._keeps_logits and logits_to_keep:
-            kwargs["logits_to_keep"] = logits_to_keep
+            # Positions as an index tensor, not a count: the model then gathers the kept hidden
+            # states into a contiguous block. A count slices a strided view, which the output
+            # projection runs as a batched matmul that copies the whole (V, D) weight in bfloat16.
+            length = embeds.shape[1]
+            kwargs["logits_to_keep"] = torch.arange(length - logits_to_keep, length, device=embeds.device)
         out = self.model(**kwargs)
         if logits_to_keep and not self._keeps_logits:
             out.logits = out.logits[:, -logits_to_keep:]
