@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -181,12 +181,12 @@ class TargetObjective:
         tokenizer = self.model.tokenizer
         target = self.target_ids[0].tolist()
         ids = self.prefix_ids[0].tolist() + list(prompt_ids) + self.suffix_ids[0].tolist()
-        output = greedy_generate(self.model, ids, len(target))
+        output = greedy_generate(self.model, ids, len(target), draft=target)
 
         prompt_text = tokenizer.decode(list(prompt_ids), clean_up_tokenization_spaces=False)
         text_ids = tokenizer.encode(self.prefix + prompt_text + self.suffix, add_special_tokens=False)
         text_ids_same = text_ids == ids
-        text_output = output if text_ids_same else greedy_generate(self.model, text_ids, len(target))
+        text_output = output if text_ids_same else greedy_generate(self.model, text_ids, len(target), draft=target)
         return CheckResult(
             success=exact_match(output, target),
             prompt_ids=list(prompt_ids),
@@ -200,8 +200,30 @@ class TargetObjective:
         )
 
 
-def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int) -> list[int]:
-    """Return the model's plain greedy continuation of `ids` from HF generate, without the prompt."""
+def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int, draft: Sequence[int] = ()) -> list[int]:
+    """Return the model's plain greedy continuation of `ids`, without the prompt.
+
+    draft: tokens expected to follow `ids`, such as a target. One forward pass scores all of
+    them, as speculative decoding checks a draft: the output keeps the draft up to the model's
+    first disagreement, takes the model's own token there, and HF generate decodes the rest.
+    A draft that the model reproduces costs one forward pass instead of one per token. The
+    tokens are those of plain greedy decoding, up to floating-point near-ties between the top
+    two logits, since one pass over many positions rounds differently from one per position.
+    """
+    draft = list(draft)[:max_new_tokens]
+    if draft:
+        predicted = _greedy_under_draft(model, ids, draft)
+        output: list[int] = []
+        stop = _generation_eos(model.model)
+        for wanted, token in zip(draft, predicted):
+            output.append(token)
+            if token in stop:
+                return output
+            if token != wanted:
+                break
+        if len(output) == max_new_tokens:
+            return output
+        return output + greedy_generate(model, ids + output, max_new_tokens - len(output))
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
     hf_model = model.model
     output = hf_model.generate(
@@ -212,3 +234,19 @@ def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int) -
         pad_token_id=model.pad_token_id,
     )
     return output[0, input_ids.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def _greedy_under_draft(model: STGSDiffModel, ids: list[int], draft: list[int]) -> list[int]:
+    """The argmax token after ids + draft[:i], for each i < len(draft), in one forward pass."""
+    input_ids = torch.tensor([ids + draft[:-1]], dtype=torch.long, device=model.device)  # (1, N + D - 1)
+    logits = model.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits  # (1, N + D - 1, V)
+    return logits[0, -len(draft):].argmax(-1).tolist()
+
+
+def _generation_eos(hf_model) -> set[int]:
+    """The token ids at which HF generate stops, from the model's generation config."""
+    eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}

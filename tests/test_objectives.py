@@ -691,3 +691,48 @@ def test_target_loss_same_without_prefix_cache(model_name, request):
     recomputed = objective.loss(prompt).per_sample
 
     torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=1e-5)
+
+
+def _drafts(plain: list[int], vocab_size: int) -> list[list[int]]:
+    """Drafts against a plain greedy output: itself, one token off at the start, middle and end,
+    an unrelated draft, and a draft shorter than the output."""
+    drafts = [list(plain), list(plain[:3]), [(t * 7 + 3) % vocab_size for t in plain]]
+    for position in (0, len(plain) // 2, len(plain) - 1):
+        wrong = list(plain)
+        wrong[position] = (wrong[position] + 1) % vocab_size
+        drafts.append(wrong)
+    return drafts
+
+
+def test_drafted_greedy_generation_equals_plain(tiny_lm):
+    model, tokenizer = tiny_lm
+    dm = STGSDiffModel(model, tokenizer)
+    for text in ("hello world", "The quick brown fox", "12345"):
+        ids = tokenizer.encode(text)
+        plain = greedy_generate(dm, ids, 8)
+        for draft in _drafts(plain, dm.vocab_size):
+            assert greedy_generate(dm, ids, 8, draft=draft) == plain, (text, draft)
+
+
+def test_drafted_greedy_generation_stops_at_eos_like_plain(tiny_tokenizer):
+    dm = STGSDiffModel(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer)
+    ids = tiny_tokenizer.encode("hello world")
+    dm.model.generation_config.eos_token_id = None
+    free = greedy_generate(dm, ids, 8)
+    # Make the third generated token an end-of-sequence token: plain generation stops there.
+    dm.model.generation_config.eos_token_id = free[2]
+    stop = free.index(free[2]) + 1
+    plain = greedy_generate(dm, ids, 8)
+
+    assert plain == free[:stop]
+    assert greedy_generate(dm, ids, 8, draft=free) == plain
+
+
+def test_target_check_output_equals_plain_greedy(dm):
+    ids = dm.tokenizer.encode("hello world")
+    reachable = greedy_generate(dm, ids, 4)
+    for target in (reachable, reachable[:2] + [(reachable[2] + 1) % dm.vocab_size, reachable[3]]):
+        check = TargetObjective(dm, target).check(ids)
+
+        assert check.output_ids == reachable
+        assert check.success is (target == reachable)
