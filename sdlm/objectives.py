@@ -238,14 +238,14 @@ def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int, d
 
 @torch.no_grad()
 def _greedy_under_draft(model: STGSDiffModel, ids: list[int], draft: list[int]) -> list[int]:
-    """The argmax token after ids + draft[:i], for each i < len(draft), in one forward pass."""
+    """Return the argmax token after ids + draft[:i] for each i < len(draft), from one forward pass."""
     input_ids = torch.tensor([ids + draft[:-1]], dtype=torch.long, device=model.device)  # (1, N + D - 1)
     logits = model.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits  # (1, N + D - 1, V)
     return logits[0, -len(draft):].argmax(-1).tolist()
 
 
 def _generation_eos(hf_model) -> set[int]:
-    """The token ids at which HF generate stops, from the model's generation config."""
+    """Return the token ids at which HF generate stops, read from the model's generation config."""
     eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         return set()
