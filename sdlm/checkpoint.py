@@ -57,8 +57,10 @@ class LoopState:
     best_loss: float | None = None
     checked: list[list[int]] = field(default_factory=list)
     non_finite_in_a_row: int = 0
-    # The discrete polish's incumbent as [ids, matched, loss], or None.
+    # The discrete polish's incumbent and the prompt its next round swaps from, each as
+    # [ids, matched, loss], or None. A checkpoint without a track resumes from the incumbent.
     incumbent: list[Any] | None = None
+    polish_track: list[Any] | None = None
     # Restarts: the lowest loss since the last restart, the step it was reached, and the count.
     restart_low: float | None = None
     restart_step: int = 0

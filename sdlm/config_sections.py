@@ -334,8 +334,9 @@ class SearchConfig(_Validated):
     polish_every: int = _option(
         25,
         help="Steps between rounds of the discrete polish, which tries gradient-ranked "
-        "single-token swaps of one prompt and keeps a swap only if it brings the greedy output "
-        "closer to the target. 0 turns it off. Used only with objective.target or "
+        "single-token swaps of its current prompt, moves to the best swap as GCG does, and "
+        "keeps the prompt whose greedy output came closest to the target. 0 turns it off. Used "
+        "only with objective.target or "
         "objective.target_ids, and off for other objectives.",
         ge=0,
     )

@@ -261,11 +261,8 @@ def load_diff_model(config: Config, spec: str | None = None) -> STGSDiffModel:
     return STGSDiffModel(hf_model, tokenizer, stgs=STGS(temperature=s.temperature, hard=s.hard, noise_scale=s.noise_scale))
 
 
-def _incumbent_state(polisher: Polisher | None) -> list | None:
-    if polisher is None or polisher.incumbent is None:
-        return None
-    best = polisher.incumbent
-    return [list(best.ids), best.matched, best.loss]
+def _scored_state(scored: Scored | None) -> list | None:
+    return None if scored is None else [list(scored.ids), scored.matched, scored.loss]
 
 
 # -- the loop ----------------------------------------------------------------------------
@@ -328,6 +325,9 @@ def optimize(
         if polisher is not None and state.incumbent is not None:
             ids, matched, incumbent_loss = state.incumbent
             polisher.incumbent = Scored(tuple(ids), matched, incumbent_loss)
+            if state.polish_track is not None:
+                ids, matched, track_loss = state.polish_track
+                polisher.track = Scored(tuple(ids), matched, track_loss)
     emit(RunStarted(
         model=config.model.spec, device=str(model.device), target_text=objective.target_text,
         target_ids=objective.target_ids[0].tolist(), prompt_length=string.length, steps=opt.steps,
@@ -379,7 +379,8 @@ def optimize(
             step=step, seconds=time.perf_counter() - start, history=history,
             best=asdict(best) if best is not None else None, best_step=best_step, best_loss=best_loss,
             checked=[list(ids) for ids in checked], non_finite_in_a_row=non_finite_in_a_row,
-            incumbent=_incumbent_state(polisher), restart_low=restart_low, restart_step=restart_step,
+            incumbent=_scored_state(polisher.incumbent if polisher else None),
+            polish_track=_scored_state(polisher.track if polisher else None), restart_low=restart_low, restart_step=restart_step,
             restarts=restarts, anchor=anchor,
         )
 

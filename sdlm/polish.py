@@ -2,16 +2,18 @@
 
 The relaxed search often stalls one or two tokens short of a prompt that works, with logits
 so saturated that the Gumbel noise no longer changes the sample. The polish works on hard
-token ids instead. It keeps an incumbent prompt and, on each call:
+token ids instead. It walks a track of prompts from a start prompt and, on each call:
 
-1. takes the gradient of the target loss through the incumbent's one-hot vectors, over the
-   target tokens up to and including the first one that greedy decoding gets wrong;
+1. takes the gradient of the target loss through the one-hot vectors of its track prompt,
+   over the target tokens up to and including the first one that greedy decoding gets wrong;
 2. draws `width` single-token swaps, each at a random position, to one of the `topk` tokens
    whose gradient promises the largest decrease there;
-3. scores every swap in one batched teacher-forced forward pass and keeps the best one only
-   if it beats the incumbent. With a tokenizer, and an incumbent whose text encodes back to
-   the same ids, swaps whose text does not are dropped first, so a swap that works as ids also
-   works as pasted text, unless the fixed text around the prompt merges with it.
+3. scores every swap in one batched teacher-forced forward pass and moves the track to the
+   best one, even when it is worse than the track prompt, as GCG moves to its best candidate.
+   A track that only accepted improvements stalled where no single swap helps. The incumbent
+   is the best prompt the track has reached. With a tokenizer, and a track prompt whose text
+   encodes back to the same ids, swaps whose text does not are dropped first, so a swap that
+   works as ids also works as pasted text, unless the fixed text around the prompt merges with it.
 
 Prompts are ranked by `matched`, the number of leading target tokens that greedy decoding
 reproduces, then by the mean target loss. Under teacher forcing, the argmax at target
@@ -67,7 +69,7 @@ def score_prompts(objective: TargetObjective, prompt_ids: torch.Tensor, chunk: i
 
 def swap_candidates(
     objective: TargetObjective,
-    incumbent: Scored,
+    prompt: Scored,
     allowed: torch.Tensor,
     *,
     width: int,
@@ -75,21 +77,21 @@ def swap_candidates(
     generator: torch.Generator | None = None,
     tokenizer=None,
 ) -> torch.Tensor:
-    """Draw `width` single-token swaps (B, L) of the incumbent, ranked by the one-hot gradient.
+    """Draw `width` single-token swaps (B, L) of prompt, ranked by the one-hot gradient.
 
     allowed: (V,) or (L, V) bool of the tokens each position may use. tokenizer: when given,
-    and the incumbent's decoded text encodes back to its ids, keep only the swaps for which
+    and the prompt's decoded text encodes back to its ids, keep only the swaps for which
     the same holds.
     """
     model = objective.model
-    ids = torch.tensor(incumbent.ids, device=model.device)  # (L,)
+    ids = torch.tensor(prompt.ids, device=model.device)  # (L,)
     L, V = ids.numel(), model.vocab_size
     one_hot = F.one_hot(ids, V).to(model.dtype).unsqueeze(0).requires_grad_(True)  # (1, L, V)
     with torch.enable_grad():
         logits = objective.teacher_forced_logits(one_hot)  # (1, T, V)
         # The loss covers the target tokens up to the first wrong one, so the swaps aim to fix
         # that token while keeping the earlier ones right.
-        scored_length = min(incumbent.matched + 1, objective.target_length)
+        scored_length = min(prompt.matched + 1, objective.target_length)
         losses = token_losses(
             logits[:, :scored_length], objective.target_ids[:, :scored_length], objective.loss_type, objective.margin
         )
@@ -109,9 +111,9 @@ def swap_candidates(
     candidates = ids.repeat(positions.numel(), 1)  # (B, L)
     candidates[torch.arange(positions.numel(), device=ids.device), positions] = top[positions, choices]
     candidates = torch.unique(candidates, dim=0)
-    # The filter applies only to an incumbent that re-encodes to itself. For one that does not,
+    # The filter applies only to a prompt that re-encodes to itself. For one that does not,
     # the only stable swaps are those that repair its joins, too few to search with.
-    if tokenizer is not None and reencodes(tokenizer, incumbent.ids):
+    if tokenizer is not None and reencodes(tokenizer, prompt.ids):
         stable = torch.tensor([reencodes(tokenizer, row) for row in candidates.tolist()], dtype=torch.bool)
         candidates = candidates[stable.to(candidates.device)]
     return candidates
@@ -145,10 +147,11 @@ def target_copy(target_ids: torch.Tensor, fallback: torch.Tensor, allowed: torch
 
 
 class Polisher:
-    """Keep an incumbent discrete prompt and improve it by gradient-ranked single-token swaps.
+    """Search discrete prompts by gradient-ranked single-token swaps, and keep the best one.
 
-    offer(): propose prompts from the relaxed search; the best becomes the incumbent when it
-    beats it. polish(): one round of swaps. Both return the incumbent.
+    offer(): propose prompts from the relaxed search; the best becomes the incumbent, and the
+    track's prompt, when it beats the incumbent. polish(): one round of swaps from the track's
+    prompt, which moves to the round's best swap. Both return the incumbent.
     """
 
     def __init__(
@@ -168,7 +171,8 @@ class Polisher:
         self.width, self.topk = width, topk
         self.generator = generator
         self.tokenizer = tokenizer  # when set, swaps must survive decode -> re-encode (see swap_candidates)
-        self.incumbent: Scored | None = None
+        self.incumbent: Scored | None = None  # the best prompt so far
+        self.track: Scored | None = None  # the prompt the next round swaps from
 
     @property
     def solved(self) -> bool:
@@ -177,7 +181,7 @@ class Polisher:
     def _take(self, scored: list[Scored]) -> Scored:
         best = max(scored, key=lambda s: s.key)
         if self.incumbent is None or best.key > self.incumbent.key:
-            self.incumbent = best
+            self.incumbent = self.track = best
         return self.incumbent
 
     def offer(self, prompt_ids: torch.Tensor) -> Scored:
@@ -185,15 +189,20 @@ class Polisher:
         return self._take(score_prompts(self.objective, prompt_ids))
 
     def polish(self) -> Scored:
-        """Try one round of swaps on the incumbent (offer() first); keep the best if it is better."""
+        """Try one round of swaps from the track's prompt (offer() first); move the track to the best.
+
+        Returns the incumbent, which changes only when the track's new prompt beats it.
+        """
         if self.incumbent is None:
             raise ValueError("offer() a prompt before polish()")
         if self.solved:
             return self.incumbent
+        track = self.track or self.incumbent
         candidates = swap_candidates(
-            self.objective, self.incumbent, self.allowed, width=self.width, topk=self.topk, generator=self.generator,
+            self.objective, track, self.allowed, width=self.width, topk=self.topk, generator=self.generator,
             tokenizer=self.tokenizer,
         )
         if candidates.numel() == 0:
             return self.incumbent
-        return self._take(score_prompts(self.objective, candidates))
+        self.track = max(score_prompts(self.objective, candidates), key=lambda s: s.key)
+        return self._take([self.track])

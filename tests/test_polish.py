@@ -81,6 +81,26 @@ def test_polish_never_makes_the_incumbent_worse(tiny_dm):
     assert keys == sorted(keys)
 
 
+def test_polish_moves_track_from_worse_prompt(tiny_dm):
+    """Each round swaps one token of the track's prompt and moves the track there, even when the
+    swap is worse than the incumbent, which stays the best prompt reached."""
+    objective = TargetObjective(tiny_dm, [5, 6, 7, 8, 9])
+    polisher = Polisher(
+        objective, torch.ones(tiny_dm.vocab_size, dtype=torch.bool), width=8, topk=4,
+        generator=torch.Generator().manual_seed(0),
+    )
+    good, poor = score_prompts(objective, torch.tensor([[30, 31, 32], [60, 61, 62]]))
+    best, worst = max(good, poor, key=lambda s: s.key), min(good, poor, key=lambda s: s.key)
+    polisher.offer(torch.tensor([best.ids]))
+    polisher.track = worst
+
+    incumbent = polisher.polish()
+
+    changed = [a != b for a, b in zip(polisher.track.ids, worst.ids)]
+    assert sum(changed) == 1
+    assert incumbent == max(best, polisher.track, key=lambda s: s.key)
+
+
 def test_polish_needs_an_offer_first(tiny_dm):
     polisher = Polisher(TargetObjective(tiny_dm, [5]), torch.ones(tiny_dm.vocab_size, dtype=torch.bool))
     with pytest.raises(ValueError, match="offer"):
