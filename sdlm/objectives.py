@@ -215,11 +215,11 @@ def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int, d
         predicted = _greedy_under_draft(model, ids, draft)
         output: list[int] = []
         stop = _generation_eos(model.model)
-        for wanted, token in zip(draft, predicted):
+        for expected, token in zip(draft, predicted):
             output.append(token)
             if token in stop:
                 return output
-            if token != wanted:
+            if token != expected:
                 break
         if len(output) == max_new_tokens:
             return output
@@ -240,7 +240,10 @@ def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int, d
 def _greedy_under_draft(model: STGSDiffModel, ids: list[int], draft: list[int]) -> list[int]:
     """Return the argmax token after ids + draft[:i] for each i < len(draft), from one forward pass."""
     input_ids = torch.tensor([ids + draft[:-1]], dtype=torch.long, device=model.device)  # (1, N + D - 1)
-    logits = model.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits  # (1, N + D - 1, V)
+    length = input_ids.shape[1]
+    positions = torch.arange(length - len(draft), length, device=model.device)  # as in STGSDiffModel._run
+    kwargs = {"logits_to_keep": positions} if model.keeps_logits else {}
+    logits = model.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs).logits  # (1, K, V)
     return logits[0, -len(draft):].argmax(-1).tolist()
 
 

@@ -82,7 +82,7 @@ class STGSDiffModel(nn.Module):
         self.tokenizer = tokenizer
         self.stgs = stgs if stgs is not None else STGS()
         parameters = inspect.signature(model.forward).parameters
-        self._keeps_logits = "logits_to_keep" in parameters
+        self.keeps_logits = "logits_to_keep" in parameters  # the model can skip logits it need not compute
         # transformers 5.x renamed `past_key_values` to `cache`; accept both spellings.
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
@@ -246,14 +246,14 @@ class STGSDiffModel(nn.Module):
             self._cache_arg: cache,
             "use_cache": use_cache,
         }
-        if self._keeps_logits and logits_to_keep:
+        if self.keeps_logits and logits_to_keep:
             # Positions as an index tensor, not a count: the model then gathers the kept hidden
             # states into a contiguous block. A count slices a strided view, which the output
             # projection runs as a batched matmul that copies the whole (V, D) weight in bfloat16.
             length = embeds.shape[1]
             kwargs["logits_to_keep"] = torch.arange(length - logits_to_keep, length, device=embeds.device)
         out = self.model(**kwargs)
-        if logits_to_keep and not self._keeps_logits:
+        if logits_to_keep and not self.keeps_logits:
             out.logits = out.logits[:, -logits_to_keep:]
         return out
 
