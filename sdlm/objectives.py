@@ -206,24 +206,26 @@ def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int, d
     draft: tokens expected to follow `ids`, such as a target. One forward pass scores all of
     them, as speculative decoding checks a draft: the output keeps the draft up to the model's
     first disagreement, takes the model's own token there, and HF generate decodes the rest.
-    A draft that the model reproduces costs one forward pass instead of one per token. The
-    tokens are those of plain greedy decoding, up to floating-point near-ties between the top
-    two logits, since one pass over many positions rounds differently from one per position.
+    A draft that the model reproduces costs one forward pass instead of one per token. One pass
+    over many positions rounds differently from one pass per position, so where the top two
+    logits of a read position are within rounding of each other, where the model's generation
+    config changes the greedy choice (a repetition penalty, suppressed tokens), and for weights
+    in less than 32 bits, plain HF generate decodes the whole continuation instead.
     """
     draft = list(draft)[:max_new_tokens]
-    if draft:
-        predicted = _greedy_under_draft(model, ids, draft)
+    # In bfloat16 or float16 the rounding gap covers most margins, so plain generate decodes.
+    if draft and ids and model.dtype in (torch.float32, torch.float64) and _argmax_is_greedy(model.model):
+        tokens, margins, tolerance = _greedy_under_draft(model, ids, draft)
         output: list[int] = []
         stop = _generation_eos(model.model)
-        for expected, token in zip(draft, predicted):
+        for expected, token in zip(draft, tokens):
             output.append(token)
-            if token in stop:
-                return output
-            if token != expected:
+            if token in stop or token != expected:
                 break
-        if len(output) == max_new_tokens:
-            return output
-        return output + greedy_generate(model, ids + output, max_new_tokens - len(output))
+        if min(margins[: len(output)]) > tolerance:
+            if len(output) == max_new_tokens or output[-1] in stop:
+                return output
+            return output + greedy_generate(model, ids + output, max_new_tokens - len(output))
     input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
     hf_model = model.model
     output = hf_model.generate(
@@ -237,14 +239,47 @@ def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int, d
 
 
 @torch.no_grad()
-def _greedy_under_draft(model: STGSDiffModel, ids: list[int], draft: list[int]) -> list[int]:
-    """Return the argmax token after ids + draft[:i] for each i < len(draft), from one forward pass."""
+def _greedy_under_draft(model: STGSDiffModel, ids: list[int], draft: list[int]) -> tuple[list[int], list[float], float]:
+    """Return the argmax token after ids + draft[:i] for each i < len(draft), from one forward pass.
+
+    Also returns the gap between the top two logits at each of those positions, and the gap
+    below which rounding could swap them: a thousand rounding units of the model's dtype, times
+    the largest logit's size.
+    """
     input_ids = torch.tensor([ids + draft[:-1]], dtype=torch.long, device=model.device)  # (1, N + D - 1)
-    length = input_ids.shape[1]
-    positions = torch.arange(length - len(draft), length, device=model.device)  # as in STGSDiffModel._run
-    kwargs = {"logits_to_keep": positions} if model.keeps_logits else {}
-    logits = model.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs).logits  # (1, K, V)
-    return logits[0, -len(draft):].argmax(-1).tolist()
+    kwargs = {"logits_to_keep": len(draft)} if model.keeps_logits else {}
+    logits = model.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs).logits
+    logits = logits[0, -len(draft):].float()  # (D, V)
+    top = logits.topk(2, dim=-1)
+    margins = (top.values[:, 0] - top.values[:, 1]).tolist()
+    tolerance = 1000 * torch.finfo(model.dtype).eps * max(1.0, float(logits.abs().max()))
+    return top.indices[:, 0].tolist(), margins, tolerance
+
+
+# Generation settings that make HF generate's greedy token differ from the argmax of the logits,
+# with the values that leave it alone. Another value sends the check to plain generate.
+_ARGMAX_NEUTRAL: dict[str, tuple] = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "sequence_bias": (None, {}),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+}
+
+
+def _argmax_is_greedy(hf_model) -> bool:
+    """Return whether HF generate's greedy token is the plain argmax for this model's generation config."""
+    config = getattr(hf_model, "generation_config", None)
+    return config is None or all(getattr(config, key, None) in neutral for key, neutral in _ARGMAX_NEUTRAL.items())
 
 
 def _generation_eos(hf_model) -> set[int]:

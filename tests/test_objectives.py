@@ -736,3 +736,55 @@ def test_target_check_output_equals_plain_greedy(dm):
 
         assert check.output_ids == reachable
         assert check.success is (target == reachable)
+
+
+def _count_generate_calls(dm, monkeypatch) -> list[int]:
+    calls = []
+    generate = dm.model.generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(dm.model, "generate", counted)
+    return calls
+
+
+def test_reproduced_draft_skips_generate(tiny_tokenizer, monkeypatch):
+    dm = STGSDiffModel(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer)
+    ids = tiny_tokenizer.encode("hello world")
+    plain = greedy_generate(dm, ids, 6)
+    calls = _count_generate_calls(dm, monkeypatch)
+
+    assert greedy_generate(dm, ids, 6, draft=plain) == plain
+    assert calls == []
+
+
+def test_repetition_penalty_uses_plain_generate(tiny_tokenizer, monkeypatch):
+    dm = STGSDiffModel(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer)
+    dm.model.generation_config.repetition_penalty = 5.0
+    ids = tiny_tokenizer.encode("hello world")
+    plain = greedy_generate(dm, ids, 6)
+    calls = _count_generate_calls(dm, monkeypatch)
+
+    assert greedy_generate(dm, ids, 6, draft=plain) == plain
+    assert calls == [1]
+
+
+def test_near_tie_in_draft_uses_plain_generate(tiny_tokenizer, monkeypatch):
+    import sdlm.objectives as objectives
+
+    dm = STGSDiffModel(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer)
+    ids = tiny_tokenizer.encode("hello world")
+    plain = greedy_generate(dm, ids, 6)
+    under_draft = objectives._greedy_under_draft
+
+    def tied(model, ids, draft):
+        tokens, margins, tolerance = under_draft(model, ids, draft)
+        return tokens, [0.0] * len(margins), tolerance
+
+    monkeypatch.setattr(objectives, "_greedy_under_draft", tied)
+    calls = _count_generate_calls(dm, monkeypatch)
+
+    assert greedy_generate(dm, ids, 6, draft=plain) == plain
+    assert calls == [1]
