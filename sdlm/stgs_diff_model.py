@@ -83,6 +83,12 @@ class STGSDiffModel(nn.Module):
         self.stgs = stgs if stgs is not None else STGS()
         parameters = inspect.signature(model.forward).parameters
         self.keeps_logits = "logits_to_keep" in parameters  # the model can skip logits it need not compute
+        # transformers' own models also take the kept positions as an index tensor, which helps
+        # in 16 bits (see _run). Model code from a hub repository may accept only a count.
+        self._keeps_by_position = (
+            self.keeps_logits and type(model).__module__.startswith("transformers.")
+            and self.dtype in (torch.bfloat16, torch.float16)
+        )
         # transformers 5.x renamed `past_key_values` to `cache`; accept both spellings.
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
@@ -247,11 +253,13 @@ class STGSDiffModel(nn.Module):
             "use_cache": use_cache,
         }
         if self.keeps_logits and logits_to_keep:
-            # Positions as an index tensor, not a count: the model then gathers the kept hidden
-            # states into a contiguous block. A count slices a strided view, which the output
-            # projection runs as a batched matmul that copies the whole (V, D) weight in bfloat16.
-            length = embeds.shape[1]
-            kwargs["logits_to_keep"] = torch.arange(length - logits_to_keep, length, device=embeds.device)
+            kwargs["logits_to_keep"] = logits_to_keep
+            if self._keeps_by_position:
+                # Positions as an index tensor, not a count: the model then gathers the kept
+                # hidden states into a contiguous block. On a strided slice, the bfloat16 output
+                # projection runs as a batched matmul that first copies the whole (V, D) weight.
+                length = embeds.shape[1]
+                kwargs["logits_to_keep"] = torch.arange(length - logits_to_keep, length, device=embeds.device)
         out = self.model(**kwargs)
         if logits_to_keep and not self.keeps_logits:
             out.logits = out.logits[:, -logits_to_keep:]

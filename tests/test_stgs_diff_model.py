@@ -157,6 +157,18 @@ def test_forward_loss_matches_manual(tiny_lm):
     assert torch.allclose(kept.logits, out.logits[:, -5:], atol=1e-5)
 
 
+def test_kept_logits_in_bfloat16_are_last_positions(tiny_lm):
+    model, tok = tiny_lm
+    dm = STGSDiffModel(model.to(torch.bfloat16), tok)
+    ids = torch.tensor([tok.encode("hello world, hello model")])
+
+    full = dm(input_ids=ids).logits
+    kept = dm(input_ids=ids, logits_to_keep=5).logits
+
+    assert kept.shape[1] == 5
+    assert torch.allclose(kept, full[:, -5:], atol=1e-2)
+
+
 def test_parts_broadcast_and_mixed_inputs(tiny_lm):
     model, tok = tiny_lm
     dm = STGSDiffModel(model, tok)
