@@ -347,8 +347,8 @@ class SearchConfig(_Validated):
     polish_from: PolishStart = _option(
         "target",
         help="The prompt the polish works on. best: the best prompt of the relaxed search, offered "
-        "again before every round. target: the target's own first tokens, polished on a track of "
-        "its own that the relaxed search never replaces. Language models tend to repeat text from "
+        "again before every round. target: the target's own first tokens, polished apart from the "
+        "relaxed search, which never replaces them. Language models tend to repeat text from "
         "their input, so the target as a prompt often gets most target tokens right already.",
     )
     polish_after: int = _option(

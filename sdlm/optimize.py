@@ -420,7 +420,7 @@ def optimize(
             anchor = [draw.ids[top].tolist(), top_accuracy, top_loss]
         tau = float(draw.temperature.detach().float().mean())
 
-        # Polish the incumbent, and decide on a restart, before the event that reports both.
+        # Run a polish round, and decide on a restart, before the event that reports both.
         polished: Scored | None = None
         polish_improved = False
         if polisher is not None and step > search.polish_after and step % search.polish_every == 0:

@@ -8,7 +8,8 @@ from sdlm import STGSDiffModel
 from sdlm.config import Config, ConfigError, EvalConfig, ObjectiveConfig, OptimizerConfig, PromptConfig, SearchConfig
 from sdlm.objectives import TargetObjective, greedy_generate
 from sdlm.optimize import StepEvent, optimize
-from sdlm.polish import Polisher, matched_prefix, score_prompts, swap_candidates, target_copy
+import sdlm.polish as polish_module
+from sdlm.polish import Polisher, Scored, matched_prefix, score_prompts, swap_candidates, target_copy
 
 
 @pytest.fixture(scope="module")
@@ -81,24 +82,25 @@ def test_polish_never_makes_the_incumbent_worse(tiny_dm):
     assert keys == sorted(keys)
 
 
-def test_polish_moves_track_from_worse_prompt(tiny_dm):
-    """Each round swaps one token of the track's prompt and moves the track there, even when the
-    swap is worse than the incumbent, which stays the best prompt reached."""
-    objective = TargetObjective(tiny_dm, [5, 6, 7, 8, 9])
+def test_polish_moves_track_to_worse_swap(tiny_dm, monkeypatch):
+    """A round moves the current prompt to its best swap even when that swap ranks below the
+    incumbent, which stays the best prompt reached."""
     polisher = Polisher(
-        objective, torch.ones(tiny_dm.vocab_size, dtype=torch.bool), width=8, topk=4,
-        generator=torch.Generator().manual_seed(0),
+        TargetObjective(tiny_dm, [5, 6, 7, 8, 9]), torch.ones(tiny_dm.vocab_size, dtype=torch.bool), width=8,
+        topk=4, generator=torch.Generator().manual_seed(0),
     )
-    good, poor = score_prompts(objective, torch.tensor([[30, 31, 32], [60, 61, 62]]))
-    best, worst = max(good, poor, key=lambda s: s.key), min(good, poor, key=lambda s: s.key)
-    polisher.offer(torch.tensor([best.ids]))
-    polisher.track = worst
+    start = polisher.offer(torch.tensor([[30, 31, 32]]))
 
+    def score_below_start(objective, prompt_ids, chunk=64):
+        # Every swap gets as many leading tokens right as the start, at a higher loss.
+        return [Scored(tuple(row), start.matched, start.loss + 1 + i) for i, row in enumerate(prompt_ids.tolist())]
+
+    monkeypatch.setattr(polish_module, "score_prompts", score_below_start)
     incumbent = polisher.polish()
 
-    changed = [a != b for a, b in zip(polisher.track.ids, worst.ids)]
-    assert sum(changed) == 1
-    assert incumbent == max(best, polisher.track, key=lambda s: s.key)
+    assert incumbent == start
+    assert polisher.track.loss == start.loss + 1
+    assert sum(a != b for a, b in zip(polisher.track.ids, start.ids)) == 1
 
 
 def test_polish_needs_an_offer_first(tiny_dm):
@@ -354,7 +356,7 @@ def test_polish_from_target_keeps_its_own_track(tiny_dm, monkeypatch):
         return offer(self, prompt_ids)
 
     def record_polish(self):
-        polished_from.append(list(self.incumbent.ids))
+        polished_from.append(list((self.track or self.incumbent).ids))
         return polish(self)
 
     monkeypatch.setattr(Polisher, "offer", record_offer)

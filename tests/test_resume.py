@@ -12,6 +12,7 @@ from sdlm import STGSDiffModel
 from sdlm.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from sdlm.config import Config, EvalConfig, ObjectiveConfig, OptimizerConfig, PromptConfig, SearchConfig, STGSConfig
 from sdlm.optimize import EvalEvent, optimize
+from sdlm.polish import Polisher
 from sdlm.runs import RunDirectory
 
 
@@ -74,6 +75,8 @@ def test_resume_matches_uninterrupted_run(tiny_dm, tmp_path, stgs, search):
     assert first.steps == stop_at
     checkpoint = load_checkpoint(run.path)
     assert checkpoint.state.step == stop_at
+    if search and search.get("polish_every"):
+        assert checkpoint.state.polish_track is not None
 
     resumed_events: list = []
     resumed = optimize(config, model=tiny_dm, run=RunDirectory(run.path), resume=checkpoint, on_event=resumed_events.append)
@@ -99,6 +102,29 @@ def test_resume_matches_uninterrupted_run(tiny_dm, tmp_path, stgs, search):
         assert restarts_at_end > restarts_at_stop
         unbiased = optimize(trajectory_config(steps, {**search, "restart_bias": 0.0}, **stgs), model=tiny_dm)
         assert not torch.equal(unbiased.string.logits, straight.string.logits)
+
+
+def test_resume_polishes_from_saved_track(tiny_dm, tmp_path, monkeypatch):
+    """The first polish round after a resume swaps from the saved current prompt, which may
+    differ from the incumbent."""
+    config = trajectory_config(8, {"polish_every": 2, "polish_width": 8, "polish_after": 0})
+    run = RunDirectory.create(tmp_path, "resumed")
+    optimize(config, model=tiny_dm, run=run, should_stop=stop_after(4))
+    checkpoint = load_checkpoint(run.path)
+    track_ids = [40, 41, 42, 43]
+    checkpoint.state.polish_track = [track_ids, 0, 99.0]
+    assert checkpoint.state.incumbent[0] != track_ids
+    polished_from = []
+    polish = Polisher.polish
+
+    def record_polish(self):
+        polished_from.append(list((self.track or self.incumbent).ids))
+        return polish(self)
+
+    monkeypatch.setattr(Polisher, "polish", record_polish)
+    optimize(config, model=tiny_dm, run=RunDirectory(run.path), resume=checkpoint)
+
+    assert polished_from[0] == track_ids
 
 
 def test_resume_from_periodic_checkpoint_after_kill(tiny_dm, tmp_path):
