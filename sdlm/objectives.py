@@ -206,11 +206,13 @@ def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int, d
     draft: tokens expected to follow `ids`, such as a target. One forward pass scores all of
     them, as speculative decoding checks a draft: the output keeps the draft up to the model's
     first disagreement, takes the model's own token there, and HF generate decodes the rest.
-    A draft that the model reproduces costs one forward pass instead of one per token. One pass
-    over many positions rounds differently from one pass per position, so where the top two
-    logits of a read position are within rounding of each other, where the model's generation
-    config changes the greedy choice (a repetition penalty, suppressed tokens), and for weights
-    in less than 32 bits, plain HF generate decodes the whole continuation instead.
+    A draft that the model reproduces costs one forward pass instead of one per token.
+
+    Plain HF generate decodes the whole continuation instead in three cases. One pass over many
+    positions rounds differently from one pass per position, which matters where the top two
+    logits of a read position are within rounding of each other, and for weights in fewer than
+    32 bits. And a generation config can change the greedy choice (a repetition penalty,
+    suppressed tokens), which the draft pass does not apply.
     """
     draft = list(draft)[:max_new_tokens]
     # In bfloat16 or float16 the rounding gap covers most margins, so plain generate decodes.
