@@ -4,6 +4,7 @@ Shapes: `S` Gumbel samples, `L` prompt length, `T` target length, `V` vocabulary
 
 The loss scores STGS samples of the prompt. The check takes one prompt as token ids and runs the
 model's ordinary greedy generation, so a reported success is real, never inferred from the loss.
+A target check reads the greedy tokens from one forward pass where it can (see greedy_generate).
 """
 
 from __future__ import annotations
