@@ -261,6 +261,8 @@ def _greedy_under_draft(model: STGSDiffModel, ids: list[int], draft: list[int]) 
 
 # Generation settings that make HF generate's greedy token differ from the argmax of the logits,
 # with the values that leave it alone. Another value sends the check to plain generate.
+# NOTE: the list follows the processors that transformers 5.x applies without sampling; one
+# added in a later version would be missed here, and its draft check would read the raw argmax.
 _ARGMAX_NEUTRAL: dict[str, tuple] = {
     "repetition_penalty": (None, 1.0),
     "encoder_repetition_penalty": (None, 1.0),
