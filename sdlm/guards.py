@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from sdlm.config import Config, ConfigError
+from sdlm.objectives import generation_eos_ids
 from sdlm.objectives_composite import CompositeObjective
 from sdlm.stgs_diff_model import STGSDiffModel
 from sdlm.stgs_diff_string import STGSDiffString
@@ -53,7 +54,8 @@ def check_prompt_length(config: Config, model: STGSDiffModel) -> None:
 
 
 def check_fits_model(config: Config, model: STGSDiffModel, objective: CompositeObjective, string: STGSDiffString) -> None:
-    """Raise ConfigError when the target ids lie outside the vocabulary, or when prefix, prompt,
+    """Raise ConfigError when the target ids lie outside the vocabulary, contain an
+    end-of-sequence token before their last position, or when prefix, prompt,
     suffix and target together exceed the model's context (`check_prompt_length` has already
     checked the prompt without the target)."""
     target = objective.target
@@ -66,6 +68,18 @@ def check_fits_model(config: Config, model: STGSDiffModel, objective: CompositeO
             raise ConfigError(
                 f"{target_key}[{index}]: token id {token_id} is outside the model's vocabulary of "
                 f"{model.vocab_size} tokens (use ids below {model.vocab_size})",
+                key=f"{target_key}[{index}]", value=token_id,
+            )
+
+    # Greedy generation stops at an end-of-sequence token, so one before the last target
+    # position makes the target unreachable.
+    stop = generation_eos_ids(model.model)
+    for index, token_id in enumerate(target_ids[:-1]):
+        if token_id in stop:
+            text = model.tokenizer.decode([token_id])
+            raise ConfigError(
+                f"{target_key}[{index}]: token id {token_id} ({text!r}) ends generation, so the model "
+                f"stops before the rest of the target (remove it, or keep it only as the last token)",
                 key=f"{target_key}[{index}]", value=token_id,
             )
 

@@ -220,7 +220,7 @@ def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int, d
     if draft and ids and model.dtype in (torch.float32, torch.float64) and _argmax_is_greedy(model.model):
         tokens, margins, tolerance = _greedy_under_draft(model, ids, draft)
         output: list[int] = []
-        stop = _generation_eos(model.model)
+        stop = generation_eos_ids(model.model)
         for expected, token in zip(draft, tokens):
             output.append(token)
             if token in stop or token != expected:
@@ -287,7 +287,7 @@ def _argmax_is_greedy(hf_model) -> bool:
     return config is None or all(getattr(config, key, None) in neutral for key, neutral in _ARGMAX_NEUTRAL.items())
 
 
-def _generation_eos(hf_model) -> set[int]:
+def generation_eos_ids(hf_model) -> set[int]:
     """Return the token ids at which HF generate stops, read from the model's generation config."""
     eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
     if eos is None:

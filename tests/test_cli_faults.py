@@ -166,8 +166,13 @@ def test_validate_random_config_exits_0_or_2(data):
             {"objective": {"target_ids": [5, 100_000]}},
             ["objective.target_ids[1]: token id 100000 is outside the model's vocabulary"],
         ),
+        (
+            {"objective": {"target": "<|endoftext|> and more"}},
+            ["c.yaml:5: objective.target[0]: token id 0 ('<|endoftext|>') ends generation", "keep it only as the last token"],
+        ),
     ],
-    ids=["prompt-longer-than-context", "target-longer-than-context", "target-id-outside-vocabulary"],
+    ids=["prompt-longer-than-context", "target-longer-than-context", "target-id-outside-vocabulary",
+         "end-of-sequence-inside-target"],
 )
 def test_input_exceeding_model_rejected(tiny, tmp_path, changes, parts):
     config = base_config(**changes)
@@ -300,7 +305,7 @@ def test_trust_remote_code_is_announced(tiny, tmp_path):
 @pytest.mark.parametrize(
     "field, text",
     [
-        ("target", "<|endoftext|> and more"),
+        ("target", "and more<|endoftext|>"),
         ("target", "smile 😀 please"),
         ("target", "   leading spaces"),
         ("target", "\n\nThe end.\n"),

@@ -166,8 +166,15 @@ def test_checkpoint_every_rejects_bad_values(value):
             {"target_ids": [5, 100_000]},
             "objective.target_ids[1]: token id 100000 is outside the model's vocabulary of",
         ),
+        (
+            {"length": 4},
+            {"target_ids": [5, 0, 6]},
+            "objective.target_ids[1]: token id 0 ('<|endoftext|>') ends generation, so the model stops before "
+            "the rest of the target (remove it, or keep it only as the last token)",
+        ),
     ],
-    ids=["prompt-too-long", "target-ids-too-long", "target-text-too-long", "target-id-outside-vocabulary"],
+    ids=["prompt-too-long", "target-ids-too-long", "target-text-too-long", "target-id-outside-vocabulary",
+         "end-of-sequence-inside-target"],
 )
 def test_target_or_prompt_exceeding_model_rejected(tiny_dm, prompt, objective, message):
     config = Config(prompt=PromptConfig(**prompt), objective=ObjectiveConfig(**objective))
