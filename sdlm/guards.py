@@ -11,7 +11,6 @@ from typing import Sequence
 import torch
 
 from sdlm.config import Config, ConfigError
-from sdlm.objectives import generation_eos_ids
 from sdlm.objectives_composite import CompositeObjective
 from sdlm.stgs_diff_model import STGSDiffModel
 from sdlm.stgs_diff_string import STGSDiffString
@@ -73,7 +72,7 @@ def check_fits_model(config: Config, model: STGSDiffModel, objective: CompositeO
 
     # Greedy generation stops at an end-of-sequence token, so one before the last target
     # position makes the target unreachable.
-    stop = generation_eos_ids(model.model)
+    stop = set(model.generation_eos_ids)
     for index, token_id in enumerate(target_ids[:-1]):
         if token_id in stop:
             text = model.tokenizer.decode([token_id])

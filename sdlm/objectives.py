@@ -220,7 +220,7 @@ def greedy_generate(model: STGSDiffModel, ids: list[int], max_new_tokens: int, d
     if draft and ids and model.dtype in (torch.float32, torch.float64) and _argmax_is_greedy(model.model):
         tokens, margins, tolerance = _greedy_under_draft(model, ids, draft)
         output: list[int] = []
-        stop = generation_eos_ids(model.model)
+        stop = set(model.generation_eos_ids)
         for expected, token in zip(draft, tokens):
             output.append(token)
             if token in stop or token != expected:
@@ -261,8 +261,8 @@ def _greedy_under_draft(model: STGSDiffModel, ids: list[int], draft: list[int]) 
 
 # Generation settings that make HF generate's greedy token differ from the argmax of the logits,
 # with the values that leave it alone. Another value sends the check to plain generate.
-# NOTE: the list follows the processors that transformers 5.x applies without sampling; one
-# added in a later version would be missed here, and its draft check would read the raw argmax.
+# NOTE: the list follows the processors that transformers 5.x applies without sampling. A
+# processor added in a later version is missing here, so its draft check reads the raw argmax.
 _ARGMAX_NEUTRAL: dict[str, tuple] = {
     "repetition_penalty": (None, 1.0),
     "encoder_repetition_penalty": (None, 1.0),
@@ -285,11 +285,3 @@ def _argmax_is_greedy(hf_model) -> bool:
     """Return whether HF generate's greedy token is the plain argmax for this model's generation config."""
     config = getattr(hf_model, "generation_config", None)
     return config is None or all(getattr(config, key, None) in neutral for key, neutral in _ARGMAX_NEUTRAL.items())
-
-
-def generation_eos_ids(hf_model) -> set[int]:
-    """Return the token ids at which HF generate stops, read from the model's generation config."""
-    eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}

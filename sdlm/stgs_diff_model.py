@@ -85,10 +85,7 @@ class STGSDiffModel(nn.Module):
         self.keeps_logits = "logits_to_keep" in parameters  # the model can skip logits it need not compute
         # transformers' own models also take the kept positions as an index tensor, which helps
         # in 16 bits (see _run). Model code from a hub repository may accept only a count.
-        self._keeps_by_position = (
-            self.keeps_logits and type(model).__module__.startswith("transformers.")
-            and self.dtype in (torch.bfloat16, torch.float16)
-        )
+        self._transformers_model = type(model).__module__.startswith("transformers.")
         # transformers 5.x renamed `past_key_values` to `cache`; accept both spellings.
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
@@ -115,13 +112,19 @@ class STGSDiffModel(nn.Module):
         return self.embedding_weight.dtype
 
     @property
+    def generation_eos_ids(self) -> list[int]:
+        """Token ids at which HF generate stops: the generation config's eos_token_id, empty without one."""
+        return _id_list(self._generation_eos)
+
+    @property
     def eos_token_ids(self) -> list[int]:
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        if eos is None:
-            return []
-        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        """Token ids that end a generation: the generation config's, else the tokenizer's eos."""
+        eos = self._generation_eos
+        return _id_list(self.tokenizer.eos_token_id if eos is None else eos)
+
+    @property
+    def _generation_eos(self):
+        return getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
 
     @property
     def pad_token_id(self) -> int:
@@ -254,7 +257,7 @@ class STGSDiffModel(nn.Module):
         }
         if self.keeps_logits and logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
-            if self._keeps_by_position:
+            if self._transformers_model and self.dtype in (torch.bfloat16, torch.float16):
                 # Positions as an index tensor, not a count: the model then gathers the kept
                 # hidden states into a contiguous block. On a strided slice, the bfloat16 output
                 # projection runs as a batched matmul that first copies the whole (V, D) weight.
@@ -387,6 +390,13 @@ def embed_token_vectors(vectors: torch.Tensor, weight: torch.Tensor) -> torch.Te
     if is_one_hot(vectors):
         return _OneHotLookup.apply(vectors, weight)
     return vectors @ weight  # (B, T, V) @ (V, D) -> (B, T, D)
+
+
+def _id_list(value) -> list[int]:
+    """Convert a token id, a list of ids or None to a list of ids."""
+    if value is None:
+        return []
+    return [int(e) for e in (value if isinstance(value, (list, tuple)) else [value])]
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
