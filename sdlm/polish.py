@@ -77,7 +77,7 @@ def swap_candidates(
     generator: torch.Generator | None = None,
     tokenizer=None,
 ) -> torch.Tensor:
-    """Draw `width` single-token swaps (B, L) of prompt, ranked by the one-hot gradient.
+    """Draw `width` single-token swaps (B, L) of `prompt`, ranked by the one-hot gradient.
 
     allowed: (V,) or (L, V) bool of the tokens each position may use. tokenizer: when given,
     and the prompt's decoded text encodes back to its ids, keep only the swaps for which

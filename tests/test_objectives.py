@@ -704,7 +704,7 @@ def _drafts(plain: list[int], vocab_size: int) -> list[list[int]]:
     return drafts
 
 
-def test_drafted_greedy_generation_equals_plain(tiny_lm):
+def test_drafted_generation_equals_plain(tiny_lm):
     model, tokenizer = tiny_lm
     dm = STGSDiffModel(model, tokenizer)
     for text in ("hello world", "The quick brown fox", "12345"):
@@ -714,7 +714,7 @@ def test_drafted_greedy_generation_equals_plain(tiny_lm):
             assert greedy_generate(dm, ids, 8, draft=draft) == plain, (text, draft)
 
 
-def test_drafted_greedy_generation_stops_at_eos_like_plain(tiny_tokenizer):
+def test_drafted_generation_stops_at_eos(tiny_tokenizer):
     dm = STGSDiffModel(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer)
     ids = tiny_tokenizer.encode("hello world")
     dm.model.generation_config.eos_token_id = None
@@ -728,7 +728,7 @@ def test_drafted_greedy_generation_stops_at_eos_like_plain(tiny_tokenizer):
     assert greedy_generate(dm, ids, 8, draft=free) == plain
 
 
-def test_target_check_output_equals_plain_greedy(dm):
+def test_target_check_equals_plain_greedy(dm):
     ids = dm.tokenizer.encode("hello world")
     reachable = greedy_generate(dm, ids, 4)
     for target in (reachable, reachable[:2] + [(reachable[2] + 1) % dm.vocab_size, reachable[3]]):
@@ -750,9 +750,8 @@ def _count_generate_calls(dm, monkeypatch) -> list[int]:
     return calls
 
 
-def test_reproduced_draft_skips_generate(tiny_tokenizer, monkeypatch):
-    dm = STGSDiffModel(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer)
-    ids = tiny_tokenizer.encode("hello world")
+def test_reproduced_draft_skips_generate(dm, monkeypatch):
+    ids = dm.tokenizer.encode("hello world")
     plain = greedy_generate(dm, ids, 6)
     calls = _count_generate_calls(dm, monkeypatch)
 
@@ -760,10 +759,9 @@ def test_reproduced_draft_skips_generate(tiny_tokenizer, monkeypatch):
     assert calls == []
 
 
-def test_repetition_penalty_uses_plain_generate(tiny_tokenizer, monkeypatch):
-    dm = STGSDiffModel(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer)
-    dm.model.generation_config.repetition_penalty = 5.0
-    ids = tiny_tokenizer.encode("hello world")
+def test_repetition_penalty_uses_plain_generate(dm, monkeypatch):
+    monkeypatch.setattr(dm.model.generation_config, "repetition_penalty", 5.0)
+    ids = dm.tokenizer.encode("hello world")
     plain = greedy_generate(dm, ids, 6)
     calls = _count_generate_calls(dm, monkeypatch)
 
@@ -771,11 +769,10 @@ def test_repetition_penalty_uses_plain_generate(tiny_tokenizer, monkeypatch):
     assert calls == [1]
 
 
-def test_near_tie_in_draft_uses_plain_generate(tiny_tokenizer, monkeypatch):
+def test_near_tie_in_draft_uses_plain_generate(dm, monkeypatch):
     import sdlm.objectives as objectives
 
-    dm = STGSDiffModel(build_tiny_model("llama", len(tiny_tokenizer)), tiny_tokenizer)
-    ids = tiny_tokenizer.encode("hello world")
+    ids = dm.tokenizer.encode("hello world")
     plain = greedy_generate(dm, ids, 6)
     under_draft = objectives._greedy_under_draft
 

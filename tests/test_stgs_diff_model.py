@@ -163,10 +163,10 @@ def test_kept_logits_in_bfloat16_are_last_positions(tiny_lm):
     ids = torch.tensor([tok.encode("hello world, hello model")])
 
     full = dm(input_ids=ids).logits
-    kept = dm(input_ids=ids, logits_to_keep=5).logits
+    last_five = dm(input_ids=ids, logits_to_keep=5).logits
 
-    assert kept.shape[1] == 5
-    assert torch.allclose(kept, full[:, -5:], atol=1e-2)
+    assert last_five.shape[1] == 5
+    assert torch.allclose(last_five, full[:, -5:], atol=1e-2)
 
 
 def test_parts_broadcast_and_mixed_inputs(tiny_lm):
