@@ -172,12 +172,12 @@ def main() -> None:
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.WARNING)
-    from sdlm.bench import TargetFinished, load_base_config, load_targets, machine_info, run_bench, write_report
+    from sdlm.bench import TargetFinished, load_base_config, load_targets, machine_info, run_bench, warm_up, write_report
     from sdlm.optimize import load_diff_model
 
     config = load_base_config(args.config, args.set)
     targets = load_targets(args.targets)[: args.limit]
-    dm = load_diff_model(config)
+    dm = load_diff_model(config, compile_default=True)
     prompt_lengths = {t.prompt_length or config.prompt.length for t in targets}
     if len(prompt_lengths) != 1:
         raise SystemExit(f"targets have different prompt lengths {sorted(prompt_lengths)}; compare one length at a time")
@@ -192,10 +192,13 @@ def main() -> None:
             raise SystemExit(f"unknown method {method!r}; use sdlm and/or gcg")
     reports = {method: MethodReport(method=method, settings={}, results=[]) for method in methods}
     meta = machine_info() | {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "targets_file": args.targets}
+    if "sdlm" in methods and dm.compiled:
+        print("compiling the model's gradient passes for sdlm (torch.compile)", file=sys.stderr, flush=True)
+        warm_up(config, targets, dm)
     for index, target in enumerate(targets):
         for method in methods:
             if method == "sdlm":
-                part = run_bench(config, [target], max_steps=args.max_steps, max_seconds=args.max_seconds, model=dm)
+                part = run_bench(config, [target], max_steps=args.max_steps, max_seconds=args.max_seconds, model=dm, warm=False)
             else:
                 part = run_gcg_bench(dm, [target], prompt_length=next(iter(prompt_lengths)), max_seconds=args.max_seconds,
                                      max_steps=args.max_steps, search_width=args.search_width, topk=args.topk,

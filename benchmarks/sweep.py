@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
 
     from sdlm.optimize import load_diff_model
 
-    model = load_diff_model(configs[0])
+    model = load_diff_model(configs[0], compile_default=True)
     for index, (overrides, config) in enumerate(zip(variants, configs)):
         report = bench.run_bench(config, targets, max_seconds=args.max_seconds, model=model)
         bench.write_report([report], Path(args.output) / str(index), bench.machine_info() | {"overrides": overrides})

@@ -194,7 +194,15 @@ class TargetFinished:
     result: TargetResult
 
 
-BenchEvent = TargetStarted | TargetFinished
+@dataclass
+class WarmingUp:
+    """torch.compile compiles the gradient passes before the first timed target."""
+
+    kind = "warm_up"
+    method: str
+
+
+BenchEvent = TargetStarted | TargetFinished | WarmingUp
 
 
 def summarize(results: Sequence[TargetResult], peak_memory_mb: float | None = None) -> dict[str, Any]:
@@ -270,12 +278,15 @@ def run_bench(
     model=None,
     on_event: Callable[[BenchEvent], None] | None = None,
     method: str = "sdlm",
+    warm: bool = True,
 ) -> MethodReport:
     """Optimize a prompt for each target with `config`; stop each at success or the budget.
 
     max_steps: steps per target (default config.optimizer.steps, or unlimited when only
     max_seconds is set). max_seconds: wall-clock budget per target, checked after each step.
-    model: a ready STGSDiffModel, else config.model is loaded once for all targets.
+    model: a ready STGSDiffModel, else config.model is loaded once for all targets (compiled
+    unless model.compile is false). warm: with a compiled model, run `warm_up` before the
+    first target, so that no target's time includes compiling.
     """
     from sdlm.optimize import load_diff_model, optimize
 
@@ -286,7 +297,10 @@ def run_bench(
     if max_steps is None and max_seconds is not None:
         max_steps = UNLIMITED_STEPS
     emit = on_event or (lambda event: None)
-    model = model if model is not None else load_diff_model(config)
+    model = model if model is not None else load_diff_model(config, compile_default=True)
+    if warm and model.compiled:
+        emit(WarmingUp(method=method))
+        warm_up(config, targets, model)
 
     results = []
     for index, target in enumerate(targets):
@@ -309,6 +323,23 @@ def run_bench(
 
     settings = {"config": dataclasses.asdict(config), "max_steps": max_steps, "max_seconds": max_seconds}
     return MethodReport(method=method, settings=settings, results=results, peak_memory_mb=peak_memory_mb(str(model.device)))
+
+
+def warm_up(config: Config, targets: Sequence[BenchTarget], model) -> None:
+    """Run one step on the first target of each prompt and target length, so that torch.compile
+    compiles before the timed runs. After a second shape it compiles for any length, so two do."""
+    from sdlm.optimize import optimize
+
+    shapes = set()
+    for target in targets:
+        run_config = target_config(config, target, max_steps=1)
+        ids = target.target_ids or model.tokenizer.encode(target.target_text, add_special_tokens=False)
+        shape = (run_config.prompt.length, len(ids))
+        if shape not in shapes:
+            shapes.add(shape)
+            optimize(run_config, model=model)
+        if len(shapes) == 2:
+            return
 
 
 def _target_text(model, config: Config) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import sys
 from typing import IO
 
-from sdlm.bench import BenchEvent, TargetFinished, TargetStarted
+from sdlm.bench import BenchEvent, TargetFinished, TargetStarted, WarmingUp
+
+WARM_UP_LINE = "compiling the model's gradient passes (torch.compile, about a minute the first time)"
 from sdlm.render import quote
 
 
@@ -40,6 +42,8 @@ class PlainBenchRenderer:
     def handle(self, event: BenchEvent) -> None:
         if isinstance(event, TargetFinished):
             self._line(target_line(event))
+        elif isinstance(event, WarmingUp):
+            self._line(WARM_UP_LINE)
 
     def close(self) -> None:
         pass
@@ -82,6 +86,8 @@ class LiveBenchRenderer(PlainBenchRenderer):
         elif isinstance(event, TargetFinished):
             self.progress.console.print(target_line(event), markup=False, highlight=False)
             self.progress.update(self.task, completed=event.index + 1)
+        elif isinstance(event, WarmingUp):
+            self.progress.console.print(WARM_UP_LINE, markup=False, highlight=False)
 
     def close(self) -> None:
         self.progress.stop()

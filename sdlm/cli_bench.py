@@ -69,7 +69,7 @@ def _run_bench(config, targets, *, max_steps, max_seconds, output: Path, quiet: 
         renderer = PlainBenchRenderer(sys.stderr)
     with renderer:
         renderer.loading(config.model.spec)
-        model = optimize_module.load_diff_model(config)
+        model = optimize_module.load_diff_model(config, compile_default=True)
         report = bench_module.run_bench(
             config, targets, max_steps=max_steps, max_seconds=max_seconds, model=model, on_event=renderer.handle
         )

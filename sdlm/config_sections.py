@@ -97,6 +97,14 @@ class ModelConfig(_Validated):
         convert=to_word_list,
         expected="a list of model specs",
     )
+    compile: bool | None = _option(
+        None,
+        help="Run the optimizer's forward and backward passes through torch.compile: steps "
+        "about 10% faster on CPU, after a one-off compile of about a minute (cached on disk "
+        "for later runs). null: on in `sdlm bench`, which compiles before it starts timing, and "
+        "off in `sdlm optimize`, where a short run would spend more time compiling than it saves.",
+        example=True,
+    )
     trust_remote_code: bool = _option(
         False,
         help="Allow a hub model to run its own Python code while loading. Enable it only for "

@@ -247,10 +247,11 @@ def build_objective(config: Config, model: STGSDiffModel, string: STGSDiffString
     return CompositeObjective(model, terms, prefix=prefix)
 
 
-def load_diff_model(config: Config, spec: str | None = None) -> STGSDiffModel:
+def load_diff_model(config: Config, spec: str | None = None, *, compile_default: bool = False) -> STGSDiffModel:
     """Load config.model (or `spec` with its settings) and wrap it; generated tokens use config.stgs's temperature and mode.
 
     spec may end in "@DTYPE" (an ensemble entry such as "smollm2@bfloat16") to override model.dtype.
+    compile_default: whether to compile when model.compile is null.
     """
     from sdlm.models import load_model
 
@@ -258,7 +259,9 @@ def load_diff_model(config: Config, spec: str | None = None) -> STGSDiffModel:
     spec, dtype = split_dtype(spec) if spec else (m.spec, None)
     hf_model, tokenizer = load_model(spec, device=m.device, dtype=dtype or m.dtype, trust_remote_code=m.trust_remote_code)
     s = config.stgs
-    return STGSDiffModel(hf_model, tokenizer, stgs=STGS(temperature=s.temperature, hard=s.hard, noise_scale=s.noise_scale))
+    compile = compile_default if m.compile is None else m.compile
+    stgs = STGS(temperature=s.temperature, hard=s.hard, noise_scale=s.noise_scale)
+    return STGSDiffModel(hf_model, tokenizer, stgs=stgs, compile=compile)
 
 
 def _scored_state(scored: Scored | None) -> list | None:

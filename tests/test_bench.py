@@ -230,7 +230,7 @@ def test_write_report_without_matplotlib(tmp_path, monkeypatch, caplog):
 def cli_model(monkeypatch, tiny_dm):
     import sdlm.optimize
 
-    monkeypatch.setattr(sdlm.optimize, "load_diff_model", lambda config: tiny_dm)
+    monkeypatch.setattr(sdlm.optimize, "load_diff_model", lambda config, **kwargs: tiny_dm)
     return tiny_dm
 
 

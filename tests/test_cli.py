@@ -65,7 +65,7 @@ def install_tiny_model() -> STGSDiffModel:
     model = build_tiny_diff_model()
     # Tests of signals during loading set this to make the load take that many seconds.
     load_seconds = float(os.environ.get("SDLM_TEST_LOAD_SECONDS", "0"))
-    sdlm.optimize.load_diff_model = lambda config: (time.sleep(load_seconds), model)[1]
+    sdlm.optimize.load_diff_model = lambda config, **kwargs: (time.sleep(load_seconds), model)[1]
     return model
 
 
@@ -84,7 +84,7 @@ def tiny_model() -> STGSDiffModel:
 
 @pytest.fixture
 def tiny(monkeypatch, tiny_model):
-    monkeypatch.setattr(sdlm.optimize, "load_diff_model", lambda config: tiny_model)
+    monkeypatch.setattr(sdlm.optimize, "load_diff_model", lambda config, **kwargs: tiny_model)
     return tiny_model
 
 
@@ -329,7 +329,7 @@ def test_optimize_error_names_the_flag(tiny, unmet_config):
 
 
 def test_optimize_model_error_leaves_no_run(monkeypatch, unmet_config):
-    def fail(config):
+    def fail(config, **kwargs):
         raise ModelLoadError("model file or directory /nowhere not found; check the path")
 
     monkeypatch.setattr(sdlm.optimize, "load_diff_model", fail)
@@ -343,7 +343,7 @@ def test_optimize_model_error_leaves_no_run(monkeypatch, unmet_config):
 
 
 def test_optimize_unexpected_error_exits_3(monkeypatch, unmet_config):
-    def fail(config):
+    def fail(config, **kwargs):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(sdlm.optimize, "load_diff_model", fail)

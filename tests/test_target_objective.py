@@ -75,3 +75,21 @@ def test_teacher_forced_solved_flag_agrees_with_greedy(tiny_dm):
 def test_empty_target_rejected(tiny_dm):
     with pytest.raises(ValueError, match="empty"):
         TargetObjective(tiny_dm, [])
+
+
+@pytest.mark.parametrize("target_length", [1, 4])
+def test_teacher_forced_logits_match_plain_forward(tiny_lm, target_length):
+    # The objective leaves the last target token out of its input: the logits must still equal
+    # those of the model's own forward pass over prefix + prompt + suffix + the whole target.
+    model, tok = tiny_lm
+    dm = STGSDiffModel(model, tok)
+    prefix, suffix = tok.encode("Say:"), tok.encode(" now")
+    prompt, target = tok.encode("The quick"), tok.encode(" brown fox jumps over")[:target_length]
+    objective = TargetObjective(dm, target, prefix="Say:", suffix=" now")
+    one_hot = torch.nn.functional.one_hot(torch.tensor([prompt]), dm.vocab_size).float()
+    logits = objective.teacher_forced_logits(one_hot)  # (1, T, V)
+    ids = torch.tensor([prefix + prompt + suffix + target])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[:, -target_length - 1 : -1, : dm.vocab_size]
+    assert logits.shape == (1, target_length, dm.vocab_size)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
