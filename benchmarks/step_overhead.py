@@ -8,13 +8,15 @@ Prints:
     no STGS, no one-hot products), as a ratio. Medians over --repeats runs after a warm-up.
   - with --check, the target's greedy check of the argmax prompt, which eval.every schedules (a
     run also scores the prompt's perplexity there), in full steps;
+  - with --compile, the full step and the bare pass again with the model compiled by
+    torch.compile (model.compile, which `sdlm bench` turns on), after a warm-up that compiles;
   - with --chat, the prompt sits in the chat template as the user message, as in
     configs/chat.yaml, and the full step is also timed with the template's fixed text before
     the prompt recomputed at every step instead of taken from its KV cache.
 
 Usage:
     python benchmarks/step_overhead.py [--samples 4] [--prompt-length 10] [--target-length 10]
-        [--repeats 10] [--skip-cold] [--compare-matmul] [--check] [--chat] [--profile]
+        [--repeats 10] [--skip-cold] [--compare-matmul] [--check] [--compile] [--chat] [--profile]
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--compare-matmul", action="store_true", help="also time the full step with the one-hot matmul in place of the row lookup")
     parser.add_argument("--check", action="store_true", help="also time one greedy check of the argmax prompt")
     parser.add_argument("--chat", action="store_true", help="put the prompt in the chat template as the user message, and time the step without the prefix cache too")
+    parser.add_argument("--compile", action="store_true", help="also time the full step and the bare pass with the model compiled by torch.compile")
     parser.add_argument("--profile", action="store_true", help="also print the torch profiler's top operators for one step")
     args = parser.parse_args()
 
@@ -89,12 +92,15 @@ def main() -> None:
     P, Q = objective.prefix_ids.shape[1], objective.suffix_ids.shape[1]
     optimizer = torch.optim.Adam(string.parameters(), lr=0.3)
 
-    def full_step() -> None:
+    def step_with(scorer: TargetObjective) -> None:
         draw = string.sample(S, generator=generator)
-        loss = objective.loss(draw.y).per_sample.mean()
+        loss = scorer.loss(draw.y).per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    def full_step() -> None:
+        step_with(objective)
 
     def uncached_step() -> None:
         # The same step with the fixed text before the prompt run through the model every time.
@@ -113,12 +119,15 @@ def main() -> None:
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # (S, L + Q + T, D)
     prefix_embeds = model.get_input_embeddings()(objective.prefix_ids.expand(S, -1)).detach()  # (S, P, D)
 
-    def bare_step() -> None:
+    def bare_with(run_model) -> None:
         inputs = torch.cat([prefix_embeds, embeds], dim=1)  # (S, P + L + Q + T, D)
-        logits = model(inputs_embeds=inputs, logits_to_keep=T + 1).logits[:, :T].float()
+        logits = run_model(inputs_embeds=inputs, logits_to_keep=T + 1).logits[:, :T].float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(S * T, -1), objective.target_ids.expand(S, T).reshape(-1))
         embeds.grad = None
         loss.backward()
+
+    def bare_step() -> None:
+        bare_with(model)
 
     import sdlm.stgs_diff_model as diff_model_module
 
@@ -135,9 +144,28 @@ def main() -> None:
     def check() -> None:
         objective.check(string.ids.tolist())
 
+    if args.compile:
+        compiled_dm = STGSDiffModel(model, tokenizer, compile=True)
+        compiled_objective = TargetObjective(compiled_dm, target_ids, prefix=prefix, suffix=suffix)
+        compiled_model = torch.compile(model)
+
+        def compiled_full_step() -> None:
+            step_with(compiled_objective)
+
+        def compiled_bare_step() -> None:
+            bare_with(compiled_model)
+
+        start = time.perf_counter()
+        compiled_full_step()
+        compiled_bare_step()
+        print(f"compile (both variants): {time.perf_counter() - start:.1f} s")
+
     # Interleave the variants so that load from other processes hits them alike.
-    full, bare, matmul, uncached, checks = [], [], [], [], []
+    full, bare, matmul, uncached, checks, compiled_full, compiled_bare = [], [], [], [], [], [], []
     for _ in range(3):
+        if args.compile:
+            compiled_full.append(median_seconds(compiled_full_step, args.repeats))
+            compiled_bare.append(median_seconds(compiled_bare_step, args.repeats))
         full.append(median_seconds(full_step, args.repeats))
         bare.append(median_seconds(bare_step, args.repeats))
         if args.compare_matmul:
@@ -156,6 +184,11 @@ def main() -> None:
     if args.compare_matmul:
         matmul_s = statistics.median(matmul)
         print(f"  full step, one-hot matmul:   {matmul_s * 1000:.0f} ms (ratio to bare {matmul_s / bare_s:.2f})")
+    if args.compile:
+        cfull_s, cbare_s = statistics.median(compiled_full), statistics.median(compiled_bare)
+        print(f"  compiled bare forward+backward: {cbare_s * 1000:.0f} ms (eager bare / compiled bare {bare_s / cbare_s:.2f})")
+        print(f"  compiled full STGS step:        {cfull_s * 1000:.0f} ms (eager full / compiled full {full_s / cfull_s:.2f})")
+        print(f"  overhead ratio, compiled (full / bare): {cfull_s / cbare_s:.2f}")
     if args.check:
         check_s = statistics.median(checks)
         print(f"  one greedy check:            {check_s * 1000:.0f} ms ({check_s / full_s:.1f} full steps)")

@@ -120,3 +120,16 @@ def test_real_compile_matches_eager(tok):
     assert dm.compiled
     torch.testing.assert_close(loss, eager_loss)
     torch.testing.assert_close(grad, eager_grad, atol=1e-6, rtol=1e-4)
+
+
+def test_plain_bench_renderer_announces_the_warm_up():
+    import io
+
+    from sdlm.bench_render import WARM_UP_LINE, PlainBenchRenderer, QuietBenchRenderer
+
+    stream = io.StringIO()
+    PlainBenchRenderer(stream).handle(WarmingUp(method="sdlm"))
+    assert stream.getvalue() == WARM_UP_LINE + "\n"
+    quiet = io.StringIO()
+    QuietBenchRenderer(quiet).handle(WarmingUp(method="sdlm"))
+    assert quiet.getvalue() == ""
