@@ -176,6 +176,8 @@ def main() -> None:
     from sdlm.optimize import load_diff_model
 
     config = load_base_config(args.config, args.set)
+    if config.model.ensemble:
+        raise SystemExit("compare_gcg.py compares methods on one model; remove model.ensemble from the config")
     targets = load_targets(args.targets)[: args.limit]
     dm = load_diff_model(config, compile_default=True)
     prompt_lengths = {t.prompt_length or config.prompt.length for t in targets}

@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the full step and the bare pass with the model compiled by torch.compile")
     parser.add_argument("--profile", action="store_true", help="also print the torch profiler's top operators for one step")
     args = parser.parse_args()
+    if args.compile and args.chat:
+        parser.error("--compile and --chat do not go together: passes after the cached chat prefix run eagerly")
 
     import torch
 

@@ -285,8 +285,8 @@ def run_bench(
     max_steps: steps per target (default config.optimizer.steps, or unlimited when only
     max_seconds is set). max_seconds: wall-clock budget per target, checked after each step.
     model: a ready STGSDiffModel, else config.model is loaded once for all targets (compiled
-    unless model.compile is false). warm: with a compiled model, run `warm_up` before the
-    first target, so that no target's time includes compiling.
+    unless model.compile is false), as are the models of model.ensemble. warm: with a compiled
+    model, run `warm_up` before the first target, so that no target's time includes compiling.
     """
     from sdlm.optimize import load_diff_model, optimize
 
@@ -298,9 +298,11 @@ def run_bench(
         max_steps = UNLIMITED_STEPS
     emit = on_event or (lambda event: None)
     model = model if model is not None else load_diff_model(config, compile_default=True)
-    if warm and model.compiled:
+    # Ensemble models load once here; optimize would load them again for every target.
+    ensemble = [load_diff_model(config, spec, compile_default=True) for spec in config.model.ensemble]
+    if warm and any(m.compiled for m in [model, *ensemble]):
         emit(WarmingUp(method=method))
-        warm_up(config, targets, model)
+        warm_up(config, targets, model, ensemble)
 
     results = []
     for index, target in enumerate(targets):
@@ -308,7 +310,7 @@ def run_bench(
         run_config = target_config(config, target, max_steps=max_steps)
         deadline = None if max_seconds is None else time.perf_counter() + max_seconds
         should_stop = None if deadline is None else (lambda: time.perf_counter() >= deadline)
-        outcome = optimize(run_config, model=model, should_stop=should_stop)
+        outcome = optimize(run_config, model=model, should_stop=should_stop, ensemble=ensemble)
         best = outcome.best
         solved_at = outcome.seconds if outcome.success else None
         result = TargetResult(
@@ -321,25 +323,31 @@ def run_bench(
         results.append(result)
         emit(TargetFinished(method=method, index=index, total=len(targets), result=result))
 
-    settings = {"config": dataclasses.asdict(config), "max_steps": max_steps, "max_seconds": max_seconds}
+    settings = {
+        "config": dataclasses.asdict(config), "max_steps": max_steps, "max_seconds": max_seconds,
+        "compiled": model.compiled,  # False also after a failed compile fell back to eager
+    }
     return MethodReport(method=method, settings=settings, results=results, peak_memory_mb=peak_memory_mb(str(model.device)))
 
 
-def warm_up(config: Config, targets: Sequence[BenchTarget], model) -> None:
-    """Run one step on the first target of each prompt and target length, so that torch.compile
-    compiles before the timed runs. After a second shape it compiles for any length, so two do."""
+def warm_up(config: Config, targets: Sequence[BenchTarget], model, ensemble: Sequence = ()) -> None:
+    """Run one step for each prompt and target length among the targets, so that torch.compile
+    compiles before the timed runs. The step includes a polish round of one swap: the polish's
+    gradient pass has a batch of one, which differs from the step's when prompt.samples > 1."""
     from sdlm.optimize import optimize
 
+    search = config.search
+    if search.polish_every:
+        search = dataclasses.replace(search, polish_after=0, polish_every=1, polish_width=1)
+    warm_config = dataclasses.replace(config, search=search)
     shapes = set()
     for target in targets:
-        run_config = target_config(config, target, max_steps=1)
+        run_config = target_config(warm_config, target, max_steps=1)
         ids = target.target_ids or model.tokenizer.encode(target.target_text, add_special_tokens=False)
-        shape = (run_config.prompt.length, len(ids))
+        shape = (run_config.prompt.init_text or run_config.prompt.length, len(ids))
         if shape not in shapes:
             shapes.add(shape)
-            optimize(run_config, model=model)
-        if len(shapes) == 2:
-            return
+            optimize(run_config, model=model, ensemble=ensemble)
 
 
 def _target_text(model, config: Config) -> str:

@@ -9,9 +9,9 @@ import sys
 from typing import IO
 
 from sdlm.bench import BenchEvent, TargetFinished, TargetStarted, WarmingUp
+from sdlm.render import quote
 
 WARM_UP_LINE = "compiling the model's gradient passes (torch.compile, about a minute the first time)"
-from sdlm.render import quote
 
 
 def target_line(event: TargetFinished) -> str:

@@ -26,6 +26,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._functorch import config as functorch_config
 from transformers import DynamicCache
 
 from sdlm.stgs import STGS
@@ -76,7 +77,7 @@ class STGSDiffModel(nn.Module):
     learnable STGS temperatures). `stgs` samples generated tokens; its default is a hard argmax
     STGS at temperature 1.
 
-    compile: run the passes that need a gradient (the optimizer's steps) through
+    compile: run the passes whose input needs a gradient (the optimizer's steps) through
     `torch.compile`. The first such pass compiles, which takes about a minute on a small CPU;
     later ones are about 10% faster on CPU. Passes without a gradient (checks, generation)
     and passes after a cached prefix stay eager. If compiling fails, the model logs a warning
@@ -275,7 +276,8 @@ class STGSDiffModel(nn.Module):
                 # projection runs as a batched matmul that first copies the whole (V, D) weight.
                 length = embeds.shape[1]
                 kwargs["logits_to_keep"] = torch.arange(length - logits_to_keep, length, device=embeds.device)
-        out = self._call_model(kwargs, gradient=torch.is_grad_enabled() and cache is None and not use_cache)
+        gradient = torch.is_grad_enabled() and embeds.requires_grad and cache is None and not use_cache
+        out = self._call_model(kwargs, gradient)
         if logits_to_keep and not self.keeps_logits:
             out.logits = out.logits[:, -logits_to_keep:]
         return out
@@ -288,7 +290,12 @@ class STGSDiffModel(nn.Module):
     def _call_model(self, kwargs: dict, gradient: bool):
         if gradient and self._compiled:
             try:
-                return self._compiled[0](**kwargs)
+                # Compile the backward pass along with the forward one, so that a failure to
+                # compile it shows here rather than in loss.backward().
+                with functorch_config.patch(force_non_lazy_backward_lowering=True):
+                    return self._compiled[0](**kwargs)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
                 # The eager call below raises again if the fault is in the inputs, not the compiler.
                 logger.warning("torch.compile failed (%s: %s); running the model eagerly", type(error).__name__, error)

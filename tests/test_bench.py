@@ -230,7 +230,11 @@ def test_write_report_without_matplotlib(tmp_path, monkeypatch, caplog):
 def cli_model(monkeypatch, tiny_dm):
     import sdlm.optimize
 
-    monkeypatch.setattr(sdlm.optimize, "load_diff_model", lambda config, **kwargs: tiny_dm)
+    def load(config, *specs, **kwargs):
+        tiny_dm.load_kwargs = kwargs  # what `sdlm bench` asked for, read by the tests
+        return tiny_dm
+
+    monkeypatch.setattr(sdlm.optimize, "load_diff_model", load)
     return tiny_dm
 
 
@@ -258,6 +262,8 @@ def test_cli_bench_writes_results(tmp_path, cli_model):
     assert [r["target_id"] for r in data["methods"][0]["results"]] == ["r", "line_2"]
     assert data["methods"][0]["results"][0]["success"] is True
     assert data["meta"]["cores"] >= 1
+    assert cli_model.load_kwargs == {"compile_default": True}
+    assert data["methods"][0]["settings"]["compiled"] is False
     assert (out / "results.md").exists()
 
 

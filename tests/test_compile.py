@@ -50,9 +50,12 @@ def test_only_gradient_passes_are_compiled(monkeypatch, tok):
     prompt, target = tok.encode("The quick"), tok.encode(" brown fox")
     _scores(dm, prompt, target)
     assert spy.calls == 1
-    TargetObjective(dm, target).check(prompt)  # no gradient: greedy checks stay eager
+    one_hot = torch.nn.functional.one_hot(torch.tensor([prompt]), dm.vocab_size).float().requires_grad_(True)
+    dm.generate(one_hot=one_hot, max_new_tokens=2)  # a gradient, but through a KV cache
+    TargetObjective(dm, target, prefix="Say:").loss(one_hot)  # after a cached prefix
+    dm(input_ids=torch.tensor([prompt]))  # gradients on, but no input needs one
     with torch.no_grad():
-        dm(input_ids=torch.tensor([prompt]))
+        dm(one_hot=one_hot)
     assert spy.calls == 1
 
 
@@ -97,14 +100,15 @@ def test_bench_warms_up_once_per_shape_before_timing(monkeypatch, tok):
     spy = CountingCompile()
     monkeypatch.setattr(torch, "compile", spy)
     dm = STGSDiffModel(build_tiny_model("llama", len(tok)), tok, compile=True)
-    config = config_from_dict({"objective": {"target": "x"}, "prompt": {"length": 3}, "eval": {"every": 100}})
+    config = config_from_dict({"objective": {"target": "x"}, "prompt": {"length": 3, "samples": 2}, "eval": {"every": 100}})
     # Target lengths 3, 3 and 5: two shapes.
     targets = [BenchTarget(name, None, target_ids=ids) for name, ids in [("a", [40, 41, 42]), ("b", [50, 51, 52]), ("c", [60, 61, 62, 63, 64])]]
     events = []
     report = run_bench(config, targets, max_steps=2, model=dm, on_event=events.append)
     assert isinstance(events[0], WarmingUp)
-    # Two one-step warm-up runs (the two target lengths), then up to two steps per target.
-    assert spy.calls == 2 + sum(r.steps for r in report.results)
+    # Two one-step warm-up runs (the two target lengths), each with a step and the gradient pass
+    # of a polish round (batch 1, where the steps have batch 2), then up to two steps per target.
+    assert spy.calls == 2 * 2 + sum(r.steps for r in report.results)
     spy.calls = 0
     report = run_bench(config, targets, max_steps=2, model=dm, warm=False)
     assert spy.calls == sum(r.steps for r in report.results)
