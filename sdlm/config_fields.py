@@ -184,7 +184,7 @@ _TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "off", "0"})
 
 
-def _to_bool(value: Any, key: str) -> bool:
+def _to_bool(value: Any, key: str, expected: str = "true or false") -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -195,7 +195,7 @@ def _to_bool(value: Any, key: str) -> bool:
             return True
         if word in _FALSE_WORDS:
             return False
-    raise _type_error(key, "true or false", value)
+    raise _type_error(key, expected, value)
 
 
 def _to_choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
@@ -293,7 +293,7 @@ def _coerce(
         _check_bounds(integer, value, key, expected, fix, meta)
         return integer
     if base is bool:
-        return _to_bool(value, key)
+        return _to_bool(value, key, expected)
     if typing.get_origin(base) is Literal:
         return _to_choice(value, key, typing.get_args(base))
     if base is str:

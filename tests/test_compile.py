@@ -82,7 +82,7 @@ def test_state_dict_without_compiled_copy(tok):
 def test_model_compile_key():
     assert Config(objective=ObjectiveConfig(target="x")).model.compile is None
     assert config_from_dict({"objective": {"target": "x"}, "model": {"compile": True}}).model.compile is True
-    with pytest.raises(ConfigError, match="model.compile"):
+    with pytest.raises(ConfigError, match="model.compile: expected true or false or null"):
         config_from_dict({"objective": {"target": "x"}, "model": {"compile": "fast"}})
 
 
