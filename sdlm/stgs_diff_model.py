@@ -298,7 +298,9 @@ class STGSDiffModel(nn.Module):
                 raise
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
                 # The eager call below raises again if the fault is in the inputs, not the compiler.
-                logger.warning("torch.compile failed (%s: %s); running the model eagerly", type(error).__name__, error)
+                # The first line only: torch appends paragraphs of debugging advice.
+                reason = (str(error).strip().splitlines() or [""])[0]
+                logger.warning("torch.compile failed (%s: %s); running the model eagerly", type(error).__name__, reason)
                 self._compiled.clear()
         return self.model(**kwargs)
 
