@@ -173,6 +173,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     from sdlm.bench import TargetFinished, load_base_config, load_targets, machine_info, run_bench, warm_up, write_report
+    from sdlm.bench_render import WARM_UP_LINE
     from sdlm.optimize import load_diff_model
 
     config = load_base_config(args.config, args.set)
@@ -195,7 +196,7 @@ def main() -> None:
     reports = {method: MethodReport(method=method, settings={}, results=[]) for method in methods}
     meta = machine_info() | {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "targets_file": args.targets}
     if "sdlm" in methods and dm.compiled:
-        print("compiling the model's gradient passes for sdlm (torch.compile)", file=sys.stderr, flush=True)
+        print(f"[sdlm] {WARM_UP_LINE}", file=sys.stderr, flush=True)
         warm_up(config, targets, dm)
     for index, target in enumerate(targets):
         for method in methods:

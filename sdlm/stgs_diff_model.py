@@ -292,13 +292,14 @@ class STGSDiffModel(nn.Module):
             try:
                 # Compile the backward pass along with the forward one, so that a failure to
                 # compile it shows here rather than in loss.backward().
+                # NOTE: a private torch option, present in torch 2.13. Another version may lack it.
                 with functorch_config.patch(force_non_lazy_backward_lowering=True):
                     return self._compiled[0](**kwargs)
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
                 # The eager call below raises again if the fault is in the inputs, not the compiler.
-                # The first line only: torch appends paragraphs of debugging advice.
+                # Only the first line is logged, because torch appends paragraphs of debugging advice.
                 reason = (str(error).strip().splitlines() or [""])[0]
                 logger.warning("torch.compile failed (%s: %s); running the model eagerly", type(error).__name__, reason)
                 self._compiled.clear()
