@@ -15,12 +15,14 @@ WARM_UP_LINE = "compiling the model's gradient passes (torch.compile, about a mi
 
 
 def target_line(event: TargetFinished) -> str:
+    """One line for a finished target, e.g. "[sdlm] 2/10 random_1: solved in 24 steps, 6.8 s, ..."."""
     r = event.result
-    outcome = f"solved in {r.solved_at:.1f} s" if r.success else "not solved"
+    step_count = f"{r.steps} step" if r.steps == 1 else f"{r.steps} steps"
+    outcome = f"solved in {step_count}, {r.solved_at:.1f} s" if r.success else f"not solved in {step_count}, {r.seconds:.1f} s"
     text = "" if r.text_success == r.success else f" (after decode -> re-encode: {'solved' if r.text_success else 'not solved'})"
     return (
-        f"[{r.method}] {event.index + 1}/{event.total} {r.target_id}: {outcome}{text}, {r.steps} steps, "
-        f"{r.seconds:.1f} s, token accuracy {r.token_accuracy:.2f}, prompt {quote(r.prompt_text)}"
+        f"[{r.method}] {event.index + 1}/{event.total} {r.target_id}: {outcome}{text}, "
+        f"token accuracy {r.token_accuracy:.2f}, prompt {quote(r.prompt_text)}"
     )
 
 

@@ -202,6 +202,16 @@ def test_markdown_report_rows():
     assert "p\\|q\\nr" in text
 
 
+def test_target_line_states_steps_and_seconds_once():
+    from sdlm.bench_render import target_line
+
+    solved = target_line(TargetFinished(method="sdlm", index=0, total=2, result=_result("a", True, solved_at=6.8, steps=24, seconds=6.8)))
+    assert solved.startswith("[sdlm] 1/2 a: solved in 24 steps, 6.8 s, token accuracy 1.00")
+    assert solved.count(" s,") == 1
+    unsolved = target_line(TargetFinished(method="sdlm", index=1, total=2, result=_result("b", False, steps=1, seconds=3.25)))
+    assert "b: not solved in 1 step, 3.2 s, token accuracy 0.50" in unsolved
+
+
 def test_write_report_files(tmp_path):
     pytest.importorskip("matplotlib")
     paths = write_report(_reports(), tmp_path / "out", meta={"cores": 2})
