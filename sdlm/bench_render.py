@@ -15,7 +15,7 @@ WARM_UP_LINE = "compiling the model's gradient passes (torch.compile, about a mi
 
 
 def target_line(event: TargetFinished) -> str:
-    """One line for a finished target, e.g. "[sdlm] 2/10 random_1: solved in 24 steps, 6.8 s, ..."."""
+    """Return one line for a finished target, e.g. "[sdlm] 2/10 random_1: solved in 24 steps, 6.8 s, ..."."""
     r = event.result
     step_count = f"{r.steps} step" if r.steps == 1 else f"{r.steps} steps"
     outcome = f"solved in {step_count}, {r.solved_at:.1f} s" if r.success else f"not solved in {step_count}, {r.seconds:.1f} s"
