@@ -208,7 +208,7 @@ def test_target_line_states_steps_and_seconds_once():
     solved = target_line(TargetFinished(method="sdlm", index=0, total=2, result=_result("a", True, solved_at=6.8, steps=24, seconds=6.8)))
     assert solved.startswith("[sdlm] 1/2 a: solved in 24 steps, 6.8 s, token accuracy 1.00")
     assert solved.count(" s,") == 1
-    unsolved = target_line(TargetFinished(method="sdlm", index=1, total=2, result=_result("b", False, steps=1, seconds=3.25)))
+    unsolved = target_line(TargetFinished(method="sdlm", index=1, total=2, result=_result("b", False, steps=1, seconds=3.21)))
     assert "b: not solved in 1 step, 3.2 s, token accuracy 0.50" in unsolved
 
 
