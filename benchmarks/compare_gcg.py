@@ -145,14 +145,10 @@ def _version(package: str) -> str:
 
 
 def print_event(event) -> None:
+    from sdlm.bench_render import target_line
+
     if event.kind == "target_end":
-        r = event.result
-        solved = f"solved in {r.solved_at:.1f} s" if r.success else "unsolved"
-        print(
-            f"[{r.method}] {event.index + 1}/{event.total} {r.target_id}: {solved}, {r.steps} steps, "
-            f"{r.seconds:.1f} s, token acc {r.token_accuracy:.2f}, prompt {r.prompt_text!r}",
-            file=sys.stderr, flush=True,
-        )
+        print(target_line(event), file=sys.stderr, flush=True)
 
 
 def main() -> None:
