@@ -107,8 +107,8 @@ def main() -> None:
     def uncached_step() -> None:
         # The same step with the fixed text before the prompt run through the model every time.
         draw = string.sample(S, generator=generator)
-        parts = [objective.prefix_ids, draw.y, objective.suffix_ids, objective.target_ids]
-        logits = dm(parts=parts, logits_to_keep=T + 1).logits[:, :T]  # (S, T, V)
+        parts = [objective.prefix_ids, draw.y, objective.suffix_ids, objective.target_ids[:, :-1]]
+        logits = dm(parts=parts, logits_to_keep=T).logits  # (S, T, V)
         loss = torch.nn.functional.cross_entropy(logits.reshape(S * T, -1), objective.target_ids.expand(S, T).reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,14 +116,14 @@ def main() -> None:
 
     # The bare model on the same token ids, the same loss, and a gradient to the embeddings from
     # the prompt on (the fixed text before the prompt needs none).
-    pieces = [string.ids.view(1, L), objective.suffix_ids, objective.target_ids]
-    ids = torch.cat([piece.expand(S, -1) for piece in pieces], dim=1)  # (S, L + Q + T)
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # (S, L + Q + T, D)
+    pieces = [string.ids.view(1, L), objective.suffix_ids, objective.target_ids[:, :-1]]
+    ids = torch.cat([piece.expand(S, -1) for piece in pieces], dim=1)  # (S, L + Q + T - 1)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # (S, L + Q + T - 1, D)
     prefix_embeds = model.get_input_embeddings()(objective.prefix_ids.expand(S, -1)).detach()  # (S, P, D)
 
     def bare_with(run_model) -> None:
-        inputs = torch.cat([prefix_embeds, embeds], dim=1)  # (S, P + L + Q + T, D)
-        logits = run_model(inputs_embeds=inputs, logits_to_keep=T + 1).logits[:, :T].float()
+        inputs = torch.cat([prefix_embeds, embeds], dim=1)  # (S, P + L + Q + T - 1, D)
+        logits = run_model(inputs_embeds=inputs, logits_to_keep=T).logits.float()  # (S, T, V)
         loss = torch.nn.functional.cross_entropy(logits.reshape(S * T, -1), objective.target_ids.expand(S, T).reshape(-1))
         embeds.grad = None
         loss.backward()

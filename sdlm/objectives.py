@@ -154,13 +154,14 @@ class TargetObjective:
         """Logits (S, T, V) that predict each target token given the prompt and the target tokens
         before it, in one forward pass. prompt: samples or one-hots (S, L, V), or ids (S, L)."""
         T = self.target_length
-        # Keep the logits of the last T + 1 positions; the first T predict the target. The
-        # prefix comes from its cache where there is one, because it does not depend on the prompt.
-        parts = [prompt, self.suffix_ids, self.target_ids]
+        # The last target token predicts nothing that is scored, so it stays out of the input,
+        # and the logits of the last T positions predict the T target tokens. The prefix comes
+        # from its cache where there is one, because it does not depend on the prompt.
+        parts = [prompt, self.suffix_ids, self.target_ids[:, :-1]]
         if self.prefix_cache is None:
             parts.insert(0, self.prefix_ids)
-        out = self.model(parts=parts, prefix=self.prefix_cache, logits_to_keep=T + 1)
-        return out.logits[:, :T]
+        out = self.model(parts=parts, prefix=self.prefix_cache, logits_to_keep=T)
+        return out.logits  # (S, T, V)
 
     def loss(self, prompt_y: torch.Tensor) -> LossOutput:
         """Score prompt samples prompt_y (S, L, V); returns the per-sample mean token loss."""

@@ -28,7 +28,7 @@ from sdlm.objectives_composite import CompositeObjective, EnsembleObjective, Ter
 from sdlm.objectives_keywords import KeywordsTerm
 from sdlm.objectives_prompt import EntropyTerm, FluencyTerm
 from sdlm.objectives_task import TaskTerm
-from sdlm.polish import Polisher, Scored, permitted, target_copy
+from sdlm.polish import Polisher, Scored, join_repairs, permitted, score_prompts, target_copy
 from sdlm.runs import RunDirectory
 from sdlm.stgs import STGS
 from sdlm.stgs_diff_model import STGSDiffModel
@@ -39,6 +39,9 @@ StopReason = Literal["success", "max_steps", "interrupted", "non_finite"]
 # How many candidate prompts the loop checks with real greedy generation in one step. A
 # candidate whose text works but whose ids do not adds one check of the text's own ids.
 MAX_CHECKS_PER_STEP = 2
+# How many single-token changes of a prompt whose ids work but whose text does not go to the
+# greedy check (see mend_joins).
+MAX_MEND_CHECKS = 2
 
 
 # -- events ------------------------------------------------------------------------------
@@ -168,6 +171,37 @@ def pasted_ids(check: CheckResult, tokenizer, allowed: torch.Tensor) -> list[int
     if not bool(permitted(allowed, torch.tensor(ids, device=allowed.device)).all()):
         return None
     return ids
+
+
+def mend_joins(
+    objective, target: TargetObjective, check: CheckResult, scores: torch.Tensor, allowed: torch.Tensor, checked: set
+) -> CheckResult | None:
+    """For a checked prompt whose ids work but whose text does not, return the check of a
+    single-token change at the joins that decode -> re-encode alters, whose ids and text both
+    work; None when no change does.
+
+    The changes (polish.join_repairs) take each changed position's best tokens by scores (L, V)
+    among allowed. Only those that reproduce the whole target under teacher forcing on `target`,
+    at most MAX_MEND_CHECKS of them with the lowest loss, go to objective.check. Each checked
+    prompt joins `checked`.
+    """
+    candidates = join_repairs(target.model.tokenizer, check.prompt_ids, scores, allowed)  # (B, L)
+    if not candidates.shape[0]:
+        return None
+    scored = score_prompts(target, candidates.to(target.model.device))
+    complete = sorted((s for s in scored if s.matched == target.target_length), key=lambda s: s.loss)
+    tried = 0
+    for candidate in complete:
+        if candidate.ids in checked:
+            continue
+        if tried == MAX_MEND_CHECKS:
+            break
+        checked.add(candidate.ids)
+        tried += 1
+        mended = objective.check(list(candidate.ids))
+        if mended.success and mended.text_success:
+            return mended
+    return None
 
 
 def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -313,6 +347,7 @@ def optimize(
         if search.polish_from == "target" and (resume is None or resume.state.incumbent is None):
             copy = target_copy(objective.target.target_ids[0], string.ids, string.allowed_mask)  # (L,)
             polisher.offer(copy.unsqueeze(0))
+    target = objective.target  # the target term of the first model, or None
     if ensemble:
         check_same_vocabulary(model, ensemble)
         others = [build_objective(config, extra, string) for extra in ensemble]
@@ -368,6 +403,8 @@ def optimize(
                 text_check = objective.check(text_ids)
                 if text_check.success:
                     check = text_check
+        elif check.success and not check.text_success and config.eval.require_text and target is not None:
+            check = mend_joins(objective, target, check, string.logits[0], string.allowed_mask, checked) or check
         key = _rank(check, loss)
         improved = best_key is None or key > best_key
         if improved:

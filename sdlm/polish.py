@@ -125,6 +125,46 @@ def reencodes(tokenizer, ids: Sequence[int]) -> bool:
     return tokenizer.encode(text, add_special_tokens=False) == list(ids)
 
 
+def join_repairs(tokenizer, ids: Sequence[int], scores: torch.Tensor, allowed: torch.Tensor, *, per_position: int = 4) -> torch.Tensor:
+    """Return single-token changes (B, L) of ids whose decoded text encodes back to themselves.
+
+    For a prompt whose ids work but whose text splits into other tokens when encoded again:
+    two tokens that merge at their join, or a token that the tokenizer spells differently.
+    Each position from the first to the last one that the new encoding changes gets its
+    `per_position` best other tokens by scores (L, V), such as the relaxed prompt's logits,
+    among those that allowed (V,) or (L, V) permits. A prompt with two separate changed spans
+    gets no candidates that pass, because one change mends one span.
+    """
+    ids = list(ids)
+    length = len(ids)
+    text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    encoded = tokenizer.encode(text, add_special_tokens=False)
+    if encoded == ids:
+        return torch.empty(0, length, dtype=torch.long)
+    # The changed span [first, last) of ids: what the common start and end leave.
+    first = 0
+    while first < min(length, len(encoded)) and ids[first] == encoded[first]:
+        first += 1
+    tail = 0
+    while tail < min(length, len(encoded)) - first and ids[-1 - tail] == encoded[-1 - tail]:
+        tail += 1
+    last = max(length - tail, first + 1)
+    positions = torch.arange(first, last)
+    span_scores = scores.detach()[positions].float().clone()  # (N, V)
+    span_scores = span_scores.masked_fill(~allowed.to(span_scores.device).expand(length, -1)[positions], float("-inf"))
+    span_scores[torch.arange(positions.numel()), torch.tensor(ids)[positions]] = float("-inf")  # the current token is no change
+    top = span_scores.topk(min(per_position, span_scores.shape[-1]), dim=-1)  # (N, k)
+    candidates = []
+    for row, position in enumerate(positions.tolist()):
+        for value, token in zip(top.values[row].tolist(), top.indices[row].tolist()):
+            if value == float("-inf"):
+                break
+            candidate = ids[:position] + [token] + ids[position + 1 :]
+            if reencodes(tokenizer, candidate):
+                candidates.append(candidate)
+    return torch.tensor(candidates, dtype=torch.long).view(-1, length)
+
+
 def permitted(allowed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Return (L,) bool: whether allowed (V,) or (L, V) permits each of ids (L,) at its position."""
     length = ids.numel()
