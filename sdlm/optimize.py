@@ -174,7 +174,12 @@ def pasted_ids(check: CheckResult, tokenizer, allowed: torch.Tensor) -> list[int
 
 
 def mend_joins(
-    objective, target: TargetObjective, check: CheckResult, scores: torch.Tensor, allowed: torch.Tensor, checked: set
+    objective: CompositeObjective | EnsembleObjective | TargetObjective,
+    target: TargetObjective,
+    check: CheckResult,
+    scores: torch.Tensor,
+    allowed: torch.Tensor,
+    checked: set[tuple[int, ...]],
 ) -> CheckResult | None:
     """For a checked prompt whose ids work but whose text does not, return the check of a
     single-token change at the joins that decode -> re-encode alters, whose ids and text both

@@ -125,7 +125,9 @@ def reencodes(tokenizer, ids: Sequence[int]) -> bool:
     return tokenizer.encode(text, add_special_tokens=False) == list(ids)
 
 
-def join_repairs(tokenizer, ids: Sequence[int], scores: torch.Tensor, allowed: torch.Tensor, *, per_position: int = 4) -> torch.Tensor:
+def join_repairs(
+    tokenizer, ids: Sequence[int], scores: torch.Tensor, allowed: torch.Tensor, *, per_position: int = 4
+) -> torch.Tensor:
     """Return single-token changes (B, L) of ids whose decoded text encodes back to themselves.
 
     For a prompt whose ids work but whose text splits into other tokens when encoded again:
@@ -152,7 +154,8 @@ def join_repairs(tokenizer, ids: Sequence[int], scores: torch.Tensor, allowed: t
     positions = torch.arange(first, last)
     span_scores = scores.detach()[positions].float().clone()  # (N, V)
     span_scores = span_scores.masked_fill(~allowed.to(span_scores.device).expand(length, -1)[positions], float("-inf"))
-    span_scores[torch.arange(positions.numel()), torch.tensor(ids)[positions]] = float("-inf")  # the current token is no change
+    current = torch.tensor(ids)[positions]  # (N,): keeping the token is no change
+    span_scores[torch.arange(positions.numel()), current] = float("-inf")
     top = span_scores.topk(min(per_position, span_scores.shape[-1]), dim=-1)  # (N, k)
     candidates = []
     for row, position in enumerate(positions.tolist()):
