@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,7 +25,13 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
         return prompt
     try:
         text = prompt_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].count(b"\n") + 1
+        raise CommandError(
+            f"--prompt-file {prompt_file}: line {line}: byte {error.object[error.start]:#04x} is not UTF-8 text "
+            "(save the file as UTF-8)"
+        ) from None
+    except OSError as error:
         reason = getattr(error, "strerror", None) or str(error)
         raise CommandError(f"cannot read --prompt-file {prompt_file}: {reason}") from None
     # Files usually end with one line break that is not part of the prompt.
@@ -66,8 +73,10 @@ def generate(
     """
     with reported_errors(debug):
         text = _read_prompt(prompt, prompt_file)
-        if temperature <= 0:
-            raise CommandError(f"--temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:
+            raise CommandError(f"--temperature must be a finite number > 0, got {temperature} (such as 1)")
+        if noise_scale is not None and not math.isfinite(noise_scale):
+            raise CommandError(f"--noise-scale must be a finite number >= 0, got {noise_scale} (such as 1)")
         if greedy and hard is False:
             raise CommandError("--greedy cannot be combined with --soft, because greedy decoding feeds back hard tokens")
         if greedy and noise_scale not in (None, 0):
@@ -99,6 +108,7 @@ def _generate(
     import torch
 
     import sdlm.models as models_module
+    from sdlm.guards import model_context_length
     from sdlm.stgs import STGS
     from sdlm.stgs_diff_model import STGSDiffModel
 
@@ -107,6 +117,14 @@ def _generate(
     prompt_ids = model.encode(text)  # (1, T)
     if prompt_ids.shape[1] == 0:
         raise CommandError("the prompt is empty (give at least one token of text)")
+    context = model_context_length(model)
+    if context is not None and prompt_ids.shape[1] + max_new_tokens > context:
+        room = context - prompt_ids.shape[1]
+        fix = f"lower --max-new-tokens to at most {room}" if room > 0 else "shorten the prompt"
+        raise CommandError(
+            f"the prompt ({prompt_ids.shape[1]} tokens) and --max-new-tokens {max_new_tokens} exceed the "
+            f"model's context of {context} tokens ({fix})"
+        )
 
     generator = torch.Generator(device=model.device)
     if seed is None:

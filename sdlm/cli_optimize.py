@@ -216,6 +216,14 @@ def _run_optimize(config, config_path: Path, *, force: bool, quiet: bool, as_jso
         try:
             renderer.loading(config.model.spec, config.model.device)
             model = optimize_module.load_diff_model(config)
+            ensemble = []
+            for index, spec in enumerate(config.model.ensemble):
+                try:
+                    ensemble.append(optimize_module.load_diff_model(config, spec))
+                except ModelLoadError as error:
+                    if error.key == "model.spec":
+                        error.key = f"model.ensemble[{index}]"
+                    raise
         except ModelLoadError as error:
             _remove_new_run(run, existed)
             raise _as_config_error(error) from None
@@ -232,7 +240,7 @@ def _run_optimize(config, config_path: Path, *, force: bool, quiet: bool, as_jso
         started = []
         try:
             result = optimize_module.optimize(
-                config, model=model, run=run, should_stop=stop, resume=checkpoint,
+                config, model=model, run=run, should_stop=stop, resume=checkpoint, ensemble=ensemble,
                 on_event=lambda event: (started.append(True), renderer.handle(event)),
             )
         except ConfigError:

@@ -352,7 +352,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     except IsADirectoryError:
         raise ConfigError("expected a YAML file, got a directory", source=source) from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"the file is not UTF-8 text: {error.reason}", source=source) from None
+        line = error.object[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"byte {error.object[error.start]:#04x} is not UTF-8 text ({error.reason}); save the file as UTF-8",
+            source=source,
+            line=line,
+        ) from None
     except OSError as error:
         raise ConfigError(f"cannot read the file: {error.strerror}", source=source) from None
     base_dir = Path(os.path.abspath(path)).parent

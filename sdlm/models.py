@@ -510,7 +510,7 @@ def _load_cached_hub_model(
             _raise_load_error(f"model {hub_id!r}", error)
         raise ModelLoadError(
             f"model {hub_id!r} not found: no local directory, .gguf file, or cached hub model by that name; "
-            f"download it where you have network (e.g. `huggingface-cli download {hub_id}`) "
+            f"download it where you have network (e.g. `hf download {hub_id}`) "
             "or pass a local directory / .gguf path"
         ) from None
     try:

@@ -342,6 +342,19 @@ def test_optimize_model_error_leaves_no_run(monkeypatch, unmet_config):
     assert list((unmet_config.parent / "runs").iterdir()) == []
 
 
+def test_optimize_ensemble_model_error_names_its_entry(monkeypatch, tiny_model, unmet_config):
+    def load(config, spec=None, **kwargs):
+        if spec == "nope":
+            raise ModelLoadError("model 'nope' not found; pass a local directory")
+        return tiny_model
+
+    monkeypatch.setattr(sdlm.optimize, "load_diff_model", load)
+    result = invoke("optimize", unmet_config, "--set", "model.ensemble=[nope]")
+    assert result.exit_code == ExitCode.INVALID_INPUT
+    assert result.stderr.strip().endswith("model.ensemble[0]: model 'nope' not found; pass a local directory")
+    assert list((unmet_config.parent / "runs").iterdir()) == []
+
+
 def test_optimize_unexpected_error_exits_3(monkeypatch, unmet_config):
     def fail(config, **kwargs):
         raise RuntimeError("out of memory")
@@ -565,6 +578,40 @@ def test_generate_rejects_bad_arguments(tiny_loaded, args):
     result = invoke("generate", *args)
     assert result.exit_code == ExitCode.INVALID_INPUT
     assert len(error_lines(result.stderr)) == 1
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--noise-scale", "inf"), "--noise-scale must be a finite number >= 0, got inf"),
+        (("--temperature", "inf"), "--temperature must be a finite number > 0, got inf"),
+    ],
+    ids=["noise-scale-inf", "temperature-inf"],
+)
+def test_generate_rejects_infinite_settings(tiny_loaded, args, expected):
+    result = invoke("generate", "--prompt", "a", *args)
+    assert result.exit_code == ExitCode.INVALID_INPUT
+    (line,) = error_lines(result.stderr)
+    assert line.startswith(f"error: {expected}")
+
+
+def test_generate_rejects_output_past_the_context(tiny_loaded):
+    context = tiny_loaded.model.config.max_position_embeddings
+    prompt_length = len(tiny_loaded.tokenizer.encode(INIT_TEXT, add_special_tokens=False))
+    result = invoke("generate", "--prompt", INIT_TEXT, "--max-new-tokens", str(context))
+    assert result.exit_code == ExitCode.INVALID_INPUT
+    (line,) = error_lines(result.stderr)
+    assert f"exceed the model's context of {context} tokens" in line
+    assert f"lower --max-new-tokens to at most {context - prompt_length}" in line
+
+
+def test_generate_non_utf8_prompt_file_line(tiny_loaded, tmp_path):
+    prompt_file = tmp_path / "latin1.txt"
+    prompt_file.write_bytes("first line\ncaf\xe9\n".encode("latin-1"))
+    result = invoke("generate", "--prompt-file", prompt_file)
+    assert result.exit_code == ExitCode.INVALID_INPUT
+    (line,) = error_lines(result.stderr)
+    assert "line 2: byte 0xe9 is not UTF-8 text (save the file as UTF-8)" in line
 
 
 # -- end to end on the embedded model ----------------------------------------------------

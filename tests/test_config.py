@@ -647,8 +647,10 @@ def test_non_utf8_file_rejected(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("objective:\n  target: caf\xe9\n".encode("latin-1"))
 
-    with pytest.raises(ConfigError, match="not UTF-8 text"):
+    with pytest.raises(ConfigError, match="not UTF-8 text") as caught:
         load_config(path)
+    assert caught.value.line == 2
+    assert str(caught.value).endswith("byte 0xe9 is not UTF-8 text (invalid continuation byte); save the file as UTF-8")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -465,7 +465,7 @@ def test_unknown_hub_id_raises(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
-    expected = r"model 'sdlm-test/no-such-model' not found: .*huggingface-cli download sdlm-test/no-such-model"
+    expected = r"model 'sdlm-test/no-such-model' not found: .*hf download sdlm-test/no-such-model"
     with pytest.raises(ModelLoadError, match=expected):
         load_model("sdlm-test/no-such-model", device="cpu")
 
