@@ -427,7 +427,7 @@ def write_plot(reports: Sequence[MethodReport], path: str | os.PathLike) -> bool
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed, so no plot was written; install it with pip install 'sdlm[bench]'")
+        logger.warning("matplotlib is not installed, so no plot was written; install it with pip install matplotlib")
         return False
     figure, axes = plt.subplots(figsize=(6, 4))
     longest = 0.0

@@ -43,6 +43,11 @@ _ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
 # -- pure helpers ------------------------------------------------------------------------
 
 
+def _plural(count: int, noun: str) -> str:
+    """Return "1 sample" or "4 samples"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def describe_objective(start: RunStarted) -> str:
     """Describe the run's objective: the target and its length, then any other terms."""
     others = [name for name in start.terms if name != "target"]
@@ -268,7 +273,7 @@ class PlainRenderer(_SteppedRenderer):
         if event.restarts:
             search += f"  restarts {event.restarts}"
         if event.polish_matched is not None:
-            search += f"  polish {event.polish_matched} target tokens right"
+            search += f"  polish matches {event.polish_matched} leading target tokens"
         self._line(
             f"step {event.step}/{event.steps}  loss {event.loss:.4f}  best sample {event.best_sample_loss:.4f}"
             f"{accuracy}  temperature {event.temperature:.3g}  {rate:.2f} step/s  ETA {format_duration(remaining)}"
@@ -280,7 +285,7 @@ class PlainRenderer(_SteppedRenderer):
             self._line(f"run directory: {event.run_dir}")
             self._line(
                 f"model {event.model} on {event.device}; {describe_objective(event)}; "
-                f"prompt of {event.prompt_length} tokens; {event.steps} steps of {event.samples} samples"
+                f"prompt of {event.prompt_length} tokens; {event.steps} steps of {_plural(event.samples, 'sample')}"
             )
         elif isinstance(event, EvalEvent) and event.improved:
             check = event.check

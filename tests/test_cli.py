@@ -28,7 +28,7 @@ from sdlm.cli import ExitCode, StopRequest, app, main
 from sdlm.config import TEMPLATES, load_config
 from sdlm.models import ModelLoadError
 from sdlm.objectives import greedy_generate
-from sdlm.optimize import EvalEvent, StepEvent
+from sdlm.optimize import EvalEvent, RunStarted, StepEvent
 from sdlm.render import JsonRenderer, PlainRenderer, event_to_json, quote
 from sdlm.stgs_diff_model import STGSDiffModel
 
@@ -490,6 +490,23 @@ def plain_step_lines(events: list[StepEvent], interval: float) -> list[str]:
         clock.now = event.step * 0.5
         renderer.handle(event)
     return [line for line in stream.getvalue().splitlines() if line.startswith("step ")]
+
+
+@pytest.mark.parametrize("samples, expected", [(1, "100 steps of 1 sample"), (4, "100 steps of 4 samples")])
+def test_plain_renderer_counts_samples(samples, expected):
+    stream = io.StringIO()
+    PlainRenderer(stream).handle(RunStarted(
+        model="tiny", device="cpu", target_text="x", target_ids=[1], prompt_length=5, steps=100,
+        samples=samples, run_dir=None, terms=["target"],
+    ))
+    assert stream.getvalue().splitlines()[-1].endswith(expected)
+
+
+def test_plain_renderer_states_polish_progress():
+    event = step_event(1, steps=10)
+    event.polish_matched = 3
+    (line,) = plain_step_lines([event], interval=2.0)
+    assert "  polish matches 3 leading target tokens  " in line
 
 
 def test_plain_renderer_limits_step_lines():
