@@ -151,6 +151,9 @@ class StopRequest:
 
     While `immediate` is True (the model is loading and nothing needs saving), the first signal
     raises KeyboardInterrupt at once too.
+
+    NOTE: the loop polls the flag between steps, so a step or check that takes minutes (a
+    target of thousands of tokens) delays the stop until it ends, with nothing printed meanwhile.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -48,12 +48,20 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+# Characters of the target that the header line shows.
+MAX_TARGET_CHARS = 200
+
+
 def describe_objective(start: RunStarted) -> str:
     """Describe the run's objective: the target and its length, then any other terms."""
     others = [name for name in start.terms if name != "target"]
     parts = []
     if start.target_ids:
-        parts.append(f"target {quote(start.target_text)} ({len(start.target_ids)} tokens)")
+        text = start.target_text
+        if len(text) > MAX_TARGET_CHARS:
+            # A long target would fill the terminal; the run directory keeps the whole text.
+            text = text[:MAX_TARGET_CHARS] + "..."
+        parts.append(f"target {quote(text)} ({len(start.target_ids)} tokens)")
     if others:
         parts.append("terms " + ", ".join(others))
     return ", ".join(parts) or "no objective terms"

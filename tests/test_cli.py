@@ -502,6 +502,16 @@ def test_plain_renderer_counts_samples(samples, expected):
     assert stream.getvalue().splitlines()[-1].endswith(expected)
 
 
+def test_plain_renderer_shortens_a_long_target():
+    stream = io.StringIO()
+    PlainRenderer(stream).handle(RunStarted(
+        model="tiny", device="cpu", target_text=" word" * 1000, target_ids=[1] * 1000, prompt_length=5,
+        steps=10, samples=1, run_dir=None, terms=["target"],
+    ))
+    header = stream.getvalue().splitlines()[-1]
+    assert f'target "{(" word" * 1000)[:200]}..." (1000 tokens)' in header
+
+
 def test_plain_renderer_states_polish_progress():
     event = step_event(1, steps=10)
     event.polish_matched = 3
