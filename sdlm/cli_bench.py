@@ -19,7 +19,15 @@ from sdlm.cli_support import CommandError, ExitCode, Overrides, cli_logging, rep
 
 def bench(
     targets_path: Annotated[
-        Path, typer.Argument(metavar="TARGETS", help="JSON file of inversion samples (lmi_*.json) or JSONL of target texts.", show_default=False)
+        Path,
+        typer.Argument(
+            metavar="TARGETS",
+            help=(
+                "JSON file of inversion samples (lmi_*.json), or JSONL with one target per line: a JSON "
+                'string, or an object with "target_text" and optionally "id".'
+            ),
+            show_default=False,
+        ),
     ],
     config_path: Annotated[
         Optional[Path], typer.Option("--config", help="Base YAML config for every target; its target is ignored. Default: the built-in defaults.")
