@@ -101,7 +101,8 @@ class ModelConfig(_Validated):
         None,
         help="Run the optimizer's forward and backward passes through torch.compile: steps "
         "about 10% faster on CPU, after a compile of about a minute per process (torch keeps "
-        "some compiled kernels on disk, which can shorten later compiles). null: on in `sdlm bench`, which compiles before it starts timing, and "
+        "some compiled kernels on disk, which can shorten later compiles). null: on in "
+        "`sdlm bench`, which compiles before it starts timing, and "
         "off in `sdlm optimize`, where a short run would spend more time compiling than it saves.",
         example=True,
     )

@@ -181,28 +181,21 @@ def mend_joins(
     allowed: torch.Tensor,
     checked: set[tuple[int, ...]],
 ) -> CheckResult | None:
-    """For a checked prompt whose ids work but whose text does not, return the check of a
-    single-token change at the joins that decode -> re-encode alters, whose ids and text both
-    work; None when no change does.
+    """Return the check of a single-token change whose ids and text both work, or None.
 
-    The changes (polish.join_repairs) take each changed position's best tokens by scores (L, V)
-    among allowed. Only those that reproduce the whole target under teacher forcing on `target`,
-    at most MAX_MEND_CHECKS of them with the lowest loss, go to objective.check. Each checked
-    prompt joins `checked`.
+    check: a prompt whose ids work but whose text does not. The changes (polish.join_repairs)
+    go to the joins that decode -> re-encode alters, and take each position's best tokens by
+    scores (L, V) among allowed. Only changes that reproduce the whole target under teacher
+    forcing on `target` and are not in `checked` go to objective.check, at most MAX_MEND_CHECKS
+    of them with the lowest loss. Each checked prompt is added to `checked`.
     """
     candidates = join_repairs(target.model.tokenizer, check.prompt_ids, scores, allowed)  # (B, L)
     if not candidates.shape[0]:
         return None
     scored = score_prompts(target, candidates.to(target.model.device))
-    complete = sorted((s for s in scored if s.matched == target.target_length), key=lambda s: s.loss)
-    tried = 0
-    for candidate in complete:
-        if candidate.ids in checked:
-            continue
-        if tried == MAX_MEND_CHECKS:
-            break
+    complete = [s for s in scored if s.matched == target.target_length and s.ids not in checked]
+    for candidate in sorted(complete, key=lambda s: s.loss)[:MAX_MEND_CHECKS]:
         checked.add(candidate.ids)
-        tried += 1
         mended = objective.check(list(candidate.ids))
         if mended.success and mended.text_success:
             return mended

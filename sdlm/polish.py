@@ -143,7 +143,8 @@ def join_repairs(
     encoded = tokenizer.encode(text, add_special_tokens=False)
     if encoded == ids:
         return torch.empty(0, length, dtype=torch.long)
-    # The changed span [first, last) of ids: what the common start and end leave.
+    # The changed span [first, last) of ids lies between the start and the end that ids and
+    # encoded share.
     first = 0
     while first < min(length, len(encoded)) and ids[first] == encoded[first]:
         first += 1
@@ -154,7 +155,7 @@ def join_repairs(
     positions = torch.arange(first, last)
     span_scores = scores.detach()[positions].float().clone()  # (N, V)
     span_scores = span_scores.masked_fill(~allowed.to(span_scores.device).expand(length, -1)[positions], float("-inf"))
-    current = torch.tensor(ids)[positions]  # (N,): keeping the token is no change
+    current = torch.tensor(ids)[positions]  # (N,) tokens in place, excluded because they change nothing
     span_scores[torch.arange(positions.numel()), current] = float("-inf")
     top = span_scores.topk(min(per_position, span_scores.shape[-1]), dim=-1)  # (N, k)
     candidates = []

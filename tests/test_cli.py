@@ -342,7 +342,7 @@ def test_optimize_model_error_leaves_no_run(monkeypatch, unmet_config):
     assert list((unmet_config.parent / "runs").iterdir()) == []
 
 
-def test_optimize_ensemble_model_error_names_its_entry(monkeypatch, tiny_model, unmet_config):
+def test_optimize_ensemble_error_names_entry(monkeypatch, tiny_model, unmet_config):
     def load(config, spec=None, **kwargs):
         if spec == "nope":
             raise ModelLoadError("model 'nope' not found; pass a local directory")
@@ -502,7 +502,7 @@ def test_plain_renderer_counts_samples(samples, expected):
     assert stream.getvalue().splitlines()[-1].endswith(expected)
 
 
-def test_plain_renderer_shortens_a_long_target():
+def test_plain_renderer_shortens_long_target():
     stream = io.StringIO()
     PlainRenderer(stream).handle(RunStarted(
         model="tiny", device="cpu", target_text=" word" * 1000, target_ids=[1] * 1000, prompt_length=5,
@@ -622,7 +622,7 @@ def test_generate_rejects_infinite_settings(tiny_loaded, args, expected):
     assert line.startswith(f"error: {expected}")
 
 
-def test_generate_rejects_output_past_the_context(tiny_loaded):
+def test_generate_rejects_past_context(tiny_loaded):
     context = tiny_loaded.model.config.max_position_embeddings
     prompt_length = len(tiny_loaded.tokenizer.encode(INIT_TEXT, add_special_tokens=False))
     result = invoke("generate", "--prompt", INIT_TEXT, "--max-new-tokens", str(context))
